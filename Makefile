@@ -1,0 +1,38 @@
+# make demo / make test / make lint / make bench. The first use creates .venv and installs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Tests run on the CPU with four fake devices, so sharded code paths are exercised anywhere.
+TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 TF_CPP_MIN_LOG_LEVEL=3
+WORKDIR ?= workdirs/demo
+
+.PHONY: venv test lint format demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+
+test: venv
+	$(VENV)/bin/ruff check .
+	$(TEST_ENV) $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) -m mirnet_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+bench: venv
+	$(PY) -m mirnet_jax.benchmark --config=configs/lol.py --mode=train_step --batch=4 --size=128
+	$(PY) -m mirnet_jax.benchmark --config=configs/lol.py --mode=forward --batch=1 --height=400 --width=600
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,285 @@
+"""The paper's building blocks (Zamir et al., ECCV 2020, Sec. 3), NHWC, as the official code.
+
+Every convolution has no bias, as in the official implementation (swz30/MIRNet, `bias=False`).
+Parameters are float32; each module casts its inputs and kernels to the compute ``dtype``.
+
+Three of the blocks are written differently from a literal port, for speed on XLA (the
+results are the same to float32 rounding, see tests/test_layers.py):
+- 1x1 convolutions are einsums: XLA:CPU runs them ~3x faster than a 1x1 `lax.conv`.
+- Blur-pool is reflect padding plus shifted strided slices: the gradient of a depthwise conv
+  is ~5x slower than its forward on CPU.
+- The stride-2 transposed convolution is a 2x2 convolution producing the four output phases,
+  followed by depth-to-space: the gradient of `nn.ConvTranspose` is ~30x slower than its
+  forward on CPU, and the phase form does no multiplications by inserted zeros.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+# PyTorch's default Conv2d initialisation, U(+-1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5)).
+torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+PRELU_INIT = 0.25  # PyTorch's nn.PReLU() default slope
+
+
+def prelu(x: jax.Array, slope: jax.Array) -> jax.Array:
+  """PReLU with one slope for all channels (PyTorch ``nn.PReLU()``)."""
+  return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, 1, 1, C]; the mean is accumulated in float32."""
+  return jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+
+
+class Conv(nn.Module):
+  """k x k convolution, stride 1, zero padding k//2, no bias; kernel [k, k, in, out]."""
+
+  features: int
+  kernel_size: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param('kernel', torch_conv_init, (k, k, x.shape[-1], self.features))
+    kernel = kernel.astype(self.dtype)
+    x = x.astype(self.dtype)
+    if k == 1:
+      return jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
+    pad = k // 2
+    return jax.lax.conv_general_dilated(
+      x,
+      kernel,
+      window_strides=(1, 1),
+      padding=((pad, pad), (pad, pad)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+
+
+class PReLU(nn.Module):
+  """PyTorch ``nn.PReLU()``: one learnable slope, initialised at 0.25."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    slope = self.param('slope', nn.initializers.constant(PRELU_INIT), ())
+    return prelu(x, slope)
+
+
+def blur_pool(x: jax.Array) -> jax.Array:
+  """Anti-aliased stride-2 down-sampling (Zhang, ICML 2019), as the official `downsamp`.
+
+  Reflect-pad 1, depthwise [1, 2, 1] x [1, 2, 1] / 16 filter, stride 2: [B, H, W, C] ->
+  [B, ceil(H/2), ceil(W/2), C]. The filter is separable, applied as shifted strided slices.
+  """
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+  h, w = (x.shape[1] - 1) // 2, (x.shape[2] - 1) // 2
+  x = (x[:, 0 : 2 * h : 2] + 2 * x[:, 1 : 2 * h + 1 : 2] + x[:, 2 : 2 * h + 2 : 2]) / 4
+  return (x[:, :, 0 : 2 * w : 2] + 2 * x[:, :, 1 : 2 * w + 1 : 2] + x[:, :, 2 : 2 * w + 2 : 2]) / 4
+
+
+def bilinear_up2(x: jax.Array) -> jax.Array:
+  """x2 bilinear up-sampling with align_corners=False (PyTorch ``nn.Upsample``), [B, 2H, 2W, C].
+
+  Output pixel 2m samples input position m - 1/4 and 2m+1 samples m + 1/4, with the
+  border clamped; written as fixed-weight sums so its gradient stays cheap.
+  """
+
+  def up_axis(v: jax.Array, axis: int) -> jax.Array:
+    n = v.shape[axis]
+    pad = [(0, 0)] * v.ndim
+    pad[axis] = (1, 1)
+    p = jnp.pad(v, pad, mode='edge')
+    prev = jax.lax.slice_in_dim(p, 0, n, axis=axis)
+    cur = jax.lax.slice_in_dim(p, 1, n + 1, axis=axis)
+    nxt = jax.lax.slice_in_dim(p, 2, n + 2, axis=axis)
+    even, odd = 0.25 * prev + 0.75 * cur, 0.75 * cur + 0.25 * nxt
+    out = jnp.stack([even, odd], axis=axis + 1)
+    shape = list(v.shape)
+    shape[axis] = 2 * n
+    return out.reshape(shape)
+
+  return up_axis(up_axis(x, 1), 2)
+
+
+class TransposedConvUp(nn.Module):
+  """PyTorch ``ConvTranspose2d(C, C, 3, stride=2, padding=1, output_padding=1, bias=False)``.
+
+  The kernel is stored as [3, 3, in, out] (the PyTorch weight [in, out, kh, kw] permuted).
+  Output row 2m gets tap ky=1 from input row m; row 2m+1 gets ky=2 from row m and ky=0
+  from row m+1 (zero beyond the border); likewise for columns. So one 2x2 convolution over
+  the input padded by one zero row/column bottom-right makes the four phases at once.
+  """
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cin = x.shape[-1]
+    kernel = self.param('kernel', torch_conv_init, (3, 3, cin, self.features))
+    # taps[phase] = [(offset into the padded input, kernel index)]
+    taps = {0: ((0, 1),), 1: ((0, 2), (1, 0))}
+    phases = jnp.zeros((2, 2, cin, 2, 2, self.features), kernel.dtype)
+    for py in (0, 1):
+      for dy, ky in taps[py]:
+        for px in (0, 1):
+          for dx, kx in taps[px]:
+            phases = phases.at[dy, dx, :, py, px, :].set(kernel[ky, kx])
+    phases = phases.reshape(2, 2, cin, 4 * self.features).astype(self.dtype)
+    y = jax.lax.conv_general_dilated(
+      x.astype(self.dtype),
+      phases,
+      window_strides=(1, 1),
+      padding=((0, 1), (0, 1)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+    b, h, w, _ = y.shape
+    y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, 2 * h, 2 * w, self.features)
+
+
+class SpatialAttention(nn.Module):
+  """Spatial attention of the DAU (Sec. 3.2): channel max and mean -> 5x5 conv -> sigmoid."""
+
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pooled = jnp.concatenate(
+      [jnp.max(x, axis=-1, keepdims=True), jnp.mean(x, axis=-1, keepdims=True)], axis=-1
+    )
+    scale = nn.sigmoid(Conv(1, 5, dtype=self.dtype, name='conv')(pooled))
+    return x * scale
+
+
+class ChannelAttention(nn.Module):
+  """Channel attention of the DAU (Sec. 3.2): squeeze (GAP) and excitation (1x1 convs)."""
+
+  reduction: int = 8
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    z = global_avg_pool(x)
+    z = nn.relu(Conv(c // self.reduction, 1, dtype=self.dtype, name='squeeze')(z))
+    return x * nn.sigmoid(Conv(c, 1, dtype=self.dtype, name='excite')(z))
+
+
+class DAU(nn.Module):
+  """Dual attention unit (Sec. 3.2, Fig. 3): conv-PReLU-conv, spatial and channel attention
+  in parallel, concatenated, fused by a 1x1 conv, plus the input. [B, H, W, C] -> same.
+
+  The PReLU slope is passed in: the official code shares one slope across every DAU of the
+  network (a default argument `act=nn.PReLU()` evaluated once), so MIRNet owns it.
+  """
+
+  kernel_size: int = 3
+  reduction: int = 8
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, slope: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    r = Conv(c, self.kernel_size, dtype=self.dtype, name='conv_0')(x)
+    r = Conv(c, self.kernel_size, dtype=self.dtype, name='conv_1')(prelu(r, slope))
+    sa = SpatialAttention(dtype=self.dtype, name='spatial_attention')(r)
+    ca = ChannelAttention(self.reduction, dtype=self.dtype, name='channel_attention')(r)
+    fused = Conv(c, 1, dtype=self.dtype, name='conv1x1')(jnp.concatenate([sa, ca], axis=-1))
+    return fused + x.astype(self.dtype)
+
+
+class SKFF(nn.Module):
+  """Selective kernel feature fusion (Sec. 3.1, Fig. 2) of ``len(inputs)`` same-shape maps.
+
+  U = sum of inputs -> GAP -> 1x1 conv to d = max(C / reduction, 4) -> PReLU -> one 1x1 conv
+  back to C per input -> softmax across the inputs, per channel -> weighted sum.
+  """
+
+  reduction: int = 8
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Sequence[jax.Array]) -> jax.Array:
+    c = inputs[0].shape[-1]
+    d = max(int(c / self.reduction), 4)
+    z = global_avg_pool(sum(inputs[1:], inputs[0]))
+    z = PReLU(name='prelu')(Conv(d, 1, dtype=self.dtype, name='conv_du')(z))
+    logits = jnp.stack(
+      [Conv(c, 1, dtype=self.dtype, name=f'fc_{i}')(z) for i in range(len(inputs))], axis=0
+    )
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=0).astype(self.dtype)
+    return sum(w * v.astype(self.dtype) for w, v in zip(weights, inputs, strict=True))
+
+
+class ResidualDownSample(nn.Module):
+  """Residual down-sampling (Sec. 3.3, Fig. 4a): [B, H, W, C] -> [B, H/2, W/2, factor * C].
+
+  Top: 1x1 conv, PReLU, 3x3 conv, PReLU, blur-pool, 1x1 conv; bottom: blur-pool, 1x1 conv.
+  """
+
+  factor: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    top = PReLU(name='top_prelu_0')(Conv(c, 1, dtype=self.dtype, name='top_conv_0')(x))
+    top = PReLU(name='top_prelu_1')(Conv(c, 3, dtype=self.dtype, name='top_conv_1')(top))
+    top = Conv(self.factor * c, 1, dtype=self.dtype, name='top_conv_2')(blur_pool(top))
+    bot = Conv(self.factor * c, 1, dtype=self.dtype, name='bot_conv')(blur_pool(x))
+    return top + bot
+
+
+class ResidualUpSample(nn.Module):
+  """Residual up-sampling (Sec. 3.3, Fig. 4b): [B, H, W, C] -> [B, 2H, 2W, C / factor].
+
+  Top: 1x1 conv, PReLU, 3x3 stride-2 transposed conv, PReLU, 1x1 conv; bottom: bilinear x2
+  (align_corners=False), 1x1 conv.
+  """
+
+  factor: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    out = c // self.factor
+    top = PReLU(name='top_prelu_0')(Conv(c, 1, dtype=self.dtype, name='top_conv_0')(x))
+    top = PReLU(name='top_prelu_1')(TransposedConvUp(c, dtype=self.dtype, name='top_deconv')(top))
+    top = Conv(out, 1, dtype=self.dtype, name='top_conv_1')(top)
+    bot = Conv(out, 1, dtype=self.dtype, name='bot_conv')(bilinear_up2(x.astype(self.dtype)))
+    return top + bot
+
+
+class DownSample(nn.Module):
+  """``log2(scale)`` chained residual down-samplings (the official `DownSample`)."""
+
+  scale: int
+  factor: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.scale.bit_length() - 1):
+      x = ResidualDownSample(self.factor, dtype=self.dtype, name=f'stage_{i}')(x)
+    return x
+
+
+class UpSample(nn.Module):
+  """``log2(scale)`` chained residual up-samplings (the official `UpSample`)."""
+
+  scale: int
+  factor: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.scale.bit_length() - 1):
+      x = ResidualUpSample(self.factor, dtype=self.dtype, name=f'stage_{i}')(x)
+    return x

@@ -1,0 +1,220 @@
+"""MIRNet (Zamir et al., ECCV 2020, Sec. 3, Fig. 1): MRB, RRG and the full network.
+
+Identical to the official implementation (swz30/MIRNet, ``networks/MIRNet_model.py``),
+including its three weight-sharing quirks (see ../shared/fixtures/mirnet_official/README.md):
+1. the DAU of a stream is one module applied in every column (``[DAU(c)] * width``);
+2. one PReLU slope is shared by every DAU of the network (``dau_prelu/slope``);
+3. the output fusion of each MRB reuses the stream-0 SKFF of the mesh (``skff_0``).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mirnet_jax.models import layers
+
+Dtype = Any
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def stream_features(num_features: int, channel_factor: int, stream: int) -> int:
+  """Channels of stream ``stream`` (resolution 1 / 2**stream)."""
+  return int(num_features * channel_factor**stream)
+
+
+class MRB(nn.Module):
+  """Multi-scale residual block (Sec. 3.1, Fig. 1): ``height`` parallel streams, ``width``
+  columns of DAUs, SKFF fusion between streams, residual. [B, H, W, C] -> same.
+
+  Resampling modules are keyed by (input channels, factor), one module per key reused
+  wherever that key is needed, as the official ``down``/``up`` ModuleDicts.
+  """
+
+  height: int = 3
+  width: int = 2
+  channel_factor: int = 2
+  reduction: int = 8
+  kernel_size: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, dau_slope: jax.Array) -> jax.Array:
+    c0 = x.shape[-1]
+    kw = dict(factor=self.channel_factor, dtype=self.dtype)
+    feats = [stream_features(c0, self.channel_factor, j) for j in range(self.height)]
+    daus = [
+      layers.DAU(self.kernel_size, self.reduction, dtype=self.dtype, name=f'dau_{j}')
+      for j in range(self.height)
+    ]
+    skffs = [
+      layers.SKFF(self.reduction, dtype=self.dtype, name=f'skff_{j}') for j in range(self.height)
+    ]
+    resamplers: dict[str, nn.Module] = {}
+
+    def resample(t: jax.Array, src: int, dst: int) -> jax.Array:
+      """Brings stream ``src``'s map to stream ``dst``'s resolution and channels."""
+      if src == dst:
+        return t
+      kind, scale = ('down', 2 ** (dst - src)) if dst > src else ('up', 2 ** (src - dst))
+      key = f'{kind}_{t.shape[-1]}_{scale}'
+      if key not in resamplers:
+        cls = layers.DownSample if kind == 'down' else layers.UpSample
+        resamplers[key] = cls(scale, name=key, **kw)
+      return resamplers[key](t)
+
+    # Column 0: a cascade from the full-resolution stream downwards.
+    streams = [daus[0](x, dau_slope)]
+    for j in range(1, self.height):
+      streams.append(daus[j](resample(streams[-1], j - 1, j), dau_slope))
+    # Columns 1..width-1: every stream fuses all streams (the "mesh"), then its DAU.
+    for _ in range(1, self.width):
+      fused = [
+        skffs[j]([resample(streams[k], k, j) for k in range(self.height)])
+        for j in range(self.height)
+      ]
+      streams = [daus[j](fused[j], dau_slope) for j in range(self.height)]
+    # Output: every stream back to full resolution with its own up-sampler, fused by skff_0.
+    full = [streams[0]] + [
+      layers.UpSample(2**k, name=f'last_up_{k}', **kw)(streams[k]) for k in range(1, self.height)
+    ]
+    out = layers.Conv(feats[0], 3, dtype=self.dtype, name='conv_out')(skffs[0](full))
+    return out + x.astype(self.dtype)
+
+
+class RRG(nn.Module):
+  """Recursive residual group (Sec. 3, Fig. 1): ``num_mrb`` MRBs, a 3x3 conv, residual."""
+
+  num_mrb: int = 2
+  height: int = 3
+  width: int = 2
+  channel_factor: int = 2
+  reduction: int = 8
+  kernel_size: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, dau_slope: jax.Array) -> jax.Array:
+    y = x
+    for m in range(self.num_mrb):
+      y = MRB(
+        self.height,
+        self.width,
+        self.channel_factor,
+        self.reduction,
+        self.kernel_size,
+        dtype=self.dtype,
+        name=f'mrb_{m}',
+      )(y, dau_slope)
+    y = layers.Conv(x.shape[-1], self.kernel_size, dtype=self.dtype, name='conv')(y)
+    return y + x.astype(self.dtype)
+
+
+class MIRNet(nn.Module):
+  """MIRNet for image enhancement (Sec. 3, Fig. 1).
+
+  Input ``x``: float [B, H, W, 3] in [0, 1] with H and W multiples of ``2**(height-1)``
+  (use ``pad_to_multiple``/``crop`` for other sizes). Output: ``x`` + the predicted residual,
+  [B, H, W, 3], unclamped, in the compute ``dtype``. Parameters are float32.
+
+  The paper configuration (the defaults) has 31,787,419 parameters.
+  """
+
+  num_features: int = 64
+  num_rrg: int = 3
+  num_mrb: int = 2
+  height: int = 3
+  width: int = 2
+  channel_factor: int = 2
+  reduction: int = 8
+  kernel_size: int = 3
+  dtype: Dtype = jnp.float32
+
+  @property
+  def size_multiple(self) -> int:
+    """Input height and width must be multiples of this."""
+    return 2 ** (self.height - 1)
+
+  def check_input(self, shape: tuple[int, ...]) -> None:
+    """Raises a ValueError explaining what is wrong with an input shape."""
+    if len(shape) != 4 or shape[-1] != 3:
+      raise ValueError(f'MIRNet expects images [batch, height, width, 3]; got shape {shape}')
+    m = self.size_multiple
+    if shape[1] % m or shape[2] % m:
+      raise ValueError(
+        f'MIRNet with height={self.height} needs image height and width that are multiples '
+        f'of {m}; got {shape[1]}x{shape[2]}. Pad with mirnet_jax.models.pad_to_multiple '
+        f'(reflect) and crop the output back with mirnet_jax.models.crop.'
+      )
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    self.check_input(x.shape)
+    if self.height < 1 or self.width < 1 or self.num_rrg < 1 or self.num_mrb < 1:
+      raise ValueError('MIRNet needs num_rrg, num_mrb, height and width of at least 1')
+    dau_slope = self.param('dau_prelu', nn.initializers.constant(layers.PRELU_INIT), ())
+    conv = lambda c, name: layers.Conv(c, self.kernel_size, dtype=self.dtype, name=name)
+    y = conv(self.num_features, 'conv_in')(x)
+    for r in range(self.num_rrg):
+      y = RRG(
+        self.num_mrb,
+        self.height,
+        self.width,
+        self.channel_factor,
+        self.reduction,
+        self.kernel_size,
+        dtype=self.dtype,
+        name=f'rrg_{r}',
+      )(y, dau_slope)
+    return conv(3, 'conv_out')(y) + x.astype(self.dtype)
+
+
+def create_model(model_config: Any) -> MIRNet:
+  """Builds MIRNet from the ``config.model`` section (a mapping; dtype given by name)."""
+  fields = dict(model_config)
+  dtype = fields.pop('dtype', 'float32')
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise ValueError(f'config.model.dtype: unknown dtype {dtype!r}; known: {sorted(_DTYPES)}')
+    dtype = _DTYPES[dtype]
+  known = set(MIRNet.__dataclass_fields__) - {'parent', 'name'}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f'config.model: unknown keys {unknown}; known: {sorted(known)}')
+  return MIRNet(dtype=dtype, **fields)
+
+
+def param_shapes(model: MIRNet, image_size: tuple[int, int] | None = None) -> Any:
+  """The parameter pytree as ShapeDtypeStructs, without running an initialisation."""
+  m = model.size_multiple
+  h, w = image_size or (m, m)
+  x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), x)['params']
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a parameter pytree (arrays or ShapeDtypeStructs)."""
+  return int(sum(np.prod(p.shape, dtype=np.int64) for p in jax.tree.leaves(params)))
+
+
+def pad_to_multiple(x: Any, multiple: int) -> tuple[Any, tuple[int, int]]:
+  """Reflect-pads [B, H, W, C] (or [H, W, C]) at the bottom/right to multiples of ``multiple``.
+
+  Returns the padded array and the original (H, W), for ``crop``. Works on numpy and jax
+  arrays alike; images smaller than the padding fall back to symmetric padding.
+  """
+  xp = jnp if isinstance(x, jax.Array) else np
+  h, w = x.shape[-3], x.shape[-2]
+  ph, pw = -h % multiple, -w % multiple
+  if not ph and not pw:
+    return x, (h, w)
+  pad = [(0, 0)] * (x.ndim - 3) + [(0, ph), (0, pw), (0, 0)]
+  mode = 'reflect' if ph < h and pw < w else 'symmetric'
+  return xp.pad(x, pad, mode=mode), (h, w)
+
+
+def crop(x: Any, size: tuple[int, int]) -> Any:
+  """Crops [..., H, W, C] back to ``size`` = (H, W), undoing ``pad_to_multiple``."""
+  return x[..., : size[0], : size[1], :]
