@@ -1,0 +1,335 @@
+"""Grain input pipelines: random training crops, full-resolution evaluation batches.
+
+Batch schema (numpy, host-local: each process holds its `B = global_batch_size //
+process_count` rows of every global batch):
+
+  'low':  float32 [B, H, W, 3] in [0, 1]   low-light input
+  'high': float32 [B, H, W, 3] in [0, 1]   well-exposed target
+  'mask': bool [B]                         False for padding rows (always True in training)
+  'name': str [B] (evaluation only)        record names; '' for padding rows
+
+Training (`create_train_iterator`): the records are shuffled, reshuffled every epoch (grain
+seeds its shuffle with seed + epoch) and repeated without end, epochs back to back (a batch may
+straddle two epochs; nothing is dropped). Each record gives one `crop_size` square window, the
+same for low and high, then one of the 8 dihedral transforms (4 rotations x optional flip),
+the same for both. Images smaller than the crop are reflect-padded at the bottom/right first,
+as the official MIRNet loader does. Optional MixUp (the official MIRNet recipe): from batch
+`mixup_start_step` on, row i becomes `lam_i * row_i + (1 - lam_i) * row_perm(i)` with
+`lam_i ~ Beta(alpha, alpha)` and `perm` a random permutation of the process's batch; the same
+`lam_i` and partner for low and high. Batch k of the iterator is train step k, so MixUp starts
+at the same step after a resume.
+
+Determinism and sharding: randomness comes from the seed and the position in the stream only
+(grain's `random_map` draws from (seed, index)), so batches do not depend on the number of
+worker processes. The crops and transforms of the global stream are the same on every
+process count; process p takes elements p, p + P, p + 2P, ... of it (P = process_count), so the
+processes' shards are disjoint and together make the global batch. MixUp partners come from the
+same process's rows. The returned `TrainIterator` (a `grain.DatasetIterator`) has a
+worker-independent state `{'step': k}` (`get_state()` / `set_state()`), and works with
+`grain.checkpoint.CheckpointSave/CheckpointRestore` in orbax.
+
+Evaluation (`create_eval_iterator`): records in source order, full resolution. A batch holds
+consecutive records of one image size: a size change closes the batch early. Short batches are
+padded to the global batch size by repeating their last record with `mask` False. Every process
+reads all records of a global batch (their sizes decide the batching, which all processes must
+agree on) and returns its rows. For datasets of mixed sizes (SICE) use a small eval batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+_READ_THREADS = 2  # threads per process computing batches (decoding releases the GIL)
+_PREFETCH_BATCHES = 2  # batches buffered per process
+_EVAL_READ_THREADS = 4  # threads decoding eval records ahead of the batcher
+
+
+def dihedral(x: np.ndarray, k: int) -> np.ndarray:
+  """One of the 8 symmetries of the square on the first two axes of x.
+
+  Args:
+    x: array [H, W, ...].
+    k: 0-3 rotate by k * 90 degrees counter-clockwise; 4-7 flip left-right, then rotate by
+      (k - 4) * 90 degrees.
+
+  Returns:
+    The transformed array (a view).
+  """
+  if not 0 <= k < 8:
+    raise ValueError(f'dihedral: k={k} not in [0, 8)')
+  if k >= 4:
+    x = x[:, ::-1]
+  return np.rot90(x, k % 4)
+
+
+def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
+  pad_h, pad_w = max(size - x.shape[0], 0), max(size - x.shape[1], 0)
+  if pad_h == pad_w == 0:
+    return x
+  return np.pad(x, ((0, pad_h), (0, pad_w), (0, 0)), mode='reflect')
+
+
+class RandomCropDihedral:
+  """grain random map: the same random crop and dihedral transform for low and high."""
+
+  def __init__(self, crop_size: int):
+    if crop_size < 1:
+      raise ValueError(f'crop_size must be positive, got {crop_size}')
+    self.crop_size = int(crop_size)
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> Batch:
+    low, high = np.asarray(record['low']), np.asarray(record['high'])
+    if low.shape != high.shape or low.ndim != 3 or low.shape[-1] != 3:
+      raise ValueError(
+        f'record {record.get("name", "?")!r}: low {low.shape} and high {high.shape} must be '
+        'equal [H, W, 3]'
+      )
+    c = self.crop_size
+    low, high = _pad_to(low, c), _pad_to(high, c)
+    top = int(rng.integers(0, low.shape[0] - c + 1))
+    left = int(rng.integers(0, low.shape[1] - c + 1))
+    k = int(rng.integers(0, 8))
+
+    def view(x: np.ndarray) -> np.ndarray:
+      return np.ascontiguousarray(dihedral(x[top : top + c, left : left + c], k))
+
+    return {'low': view(low), 'high': view(high)}
+
+
+class MixUpToFloat:
+  """grain map_with_index on batches: uint8 -> float32 [0, 1], MixUp from a given step on."""
+
+  def __init__(self, *, mixup: bool, alpha: float, start_step: int, seed: int):
+    if mixup and alpha <= 0:
+      raise ValueError(f'mixup_alpha must be positive, got {alpha}')
+    self.mixup = bool(mixup)
+    self.alpha = float(alpha)
+    self.start_step = int(start_step)
+    self.seed = int(seed)
+
+  def __call__(self, step: int, batch: Batch) -> Batch:
+    low = batch['low'].astype(np.float32) / np.float32(255)
+    high = batch['high'].astype(np.float32) / np.float32(255)
+    b = low.shape[0]
+    if self.mixup and step >= self.start_step:
+      rng = np.random.default_rng([self.seed, step])
+      lam = rng.beta(self.alpha, self.alpha, size=(b, 1, 1, 1)).astype(np.float32)
+      perm = rng.permutation(b)
+      low = lam * low + (1 - lam) * low[perm]
+      high = lam * high + (1 - lam) * high[perm]
+    return {'low': low, 'high': high, 'mask': np.ones((b,), bool)}
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, process_count={process_count})')
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(
+      f'global batch size {global_batch_size} must be a positive multiple of the process count '
+      f'{process_count}'
+    )
+  return global_batch_size // process_count
+
+
+def _seeds(seed: int, process_index: int) -> tuple[int, int, int]:
+  """Independent 32-bit seeds: (shuffle, augmentation, MixUp of this process)."""
+  shuffle_seed, augment_seed = np.random.SeedSequence([seed, 0]).generate_state(2)
+  (mixup_seed,) = np.random.SeedSequence([seed, 1, process_index]).generate_state(1)
+  return int(shuffle_seed), int(augment_seed), int(mixup_seed)
+
+
+class TrainIterator(grain.DatasetIterator):
+  """Training batches with a small state, `{'step': k}`: the index of the next batch.
+
+  Every batch is a pure function of (source, arguments, k), so the state does not depend on the
+  number of worker processes (grain's own multi-worker states do): a run may resume with a
+  different `num_workers`, or at any step with `set_state({'step': k})`.
+  """
+
+  def __init__(self, batches: grain.MapDataset, *, num_workers: int):
+    """Wraps an index-addressable dataset of batches (batch k = train step k)."""
+    super().__init__()
+    self._batches = batches
+    self._num_workers = int(num_workers)
+    self._step = 0
+    self._iterator: grain.DatasetIterator | None = None
+
+  def _started(self) -> grain.DatasetIterator:
+    if self._iterator is None:
+      ds = self._batches[self._step :].to_iter_dataset(
+        grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+      )
+      if self._num_workers > 0:
+        ds = ds.mp_prefetch(
+          grain.MultiprocessingOptions(
+            num_workers=self._num_workers, per_worker_buffer_size=_PREFETCH_BATCHES
+          )
+        )
+      self._iterator = iter(ds)
+    return self._iterator
+
+  def _stop(self) -> None:
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
+
+  def __next__(self) -> Batch:
+    self._assert_not_closed()
+    batch = next(self._started())
+    self._step += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    """The index of the next batch (= the train step it feeds)."""
+    return {'step': self._step}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Moves to batch `state['step']`; prefetched batches are dropped."""
+    step = int(state['step'])
+    if step < 0:
+      raise ValueError(f'train iterator state: step {step} is negative')
+    if step != self._step:
+      self._stop()
+      self._step = step
+
+  def start_prefetch(self) -> None:
+    """Starts the worker processes (and their prefetching) now rather than at `next`."""
+    self._assert_not_closed()
+    self._started()
+
+  def close(self) -> None:
+    """Stops worker processes and threads; idempotent."""
+    self._stop()
+    super().close()
+
+  def __str__(self) -> str:
+    return f'TrainIterator(step={self._step}, num_workers={self._num_workers})'
+
+
+def create_train_iterator(
+  source: Any,
+  *,
+  crop_size: int,
+  global_batch_size: int,
+  seed: int,
+  mixup: bool = False,
+  mixup_alpha: float = 1.2,
+  mixup_start_step: int = 0,
+  num_workers: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> TrainIterator:
+  """An endless iterator of training batches (see the module docstring).
+
+  Args:
+    source: random-access records `{'low', 'high', ...}` of uint8 [H, W, 3] (`sources.py`).
+    crop_size: side of the square crops (pixels).
+    global_batch_size: images per step over all processes.
+    seed: non-negative integer; the same on every process (shards come from slicing).
+    mixup: apply MixUp from `mixup_start_step` on.
+    mixup_alpha: Beta(alpha, alpha) parameter of the MixUp weight.
+    mixup_start_step: first batch (train step, counted from 0) that is mixed.
+    num_workers: grain worker processes (0 = compute batches in this process).
+    process_index: this process (`jax.process_index()`).
+    process_count: number of processes (`jax.process_count()`).
+
+  Returns:
+    A `TrainIterator` (a `grain.DatasetIterator`) of batches `{'low', 'high', 'mask'}` with
+    `global_batch_size // process_count` rows, starting at step 0; checkpointable with
+    get_state/set_state and `grain.checkpoint.CheckpointSave/CheckpointRestore`. Call
+    `close()` when done to stop its worker processes.
+  """
+  local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+  if len(source) == 0:
+    raise ValueError(f'training source {source!r} is empty')
+  if num_workers < 0:
+    raise ValueError(f'num_workers must be >= 0, got {num_workers}')
+  shuffle_seed, augment_seed, mixup_seed = _seeds(seed, process_index)
+  ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
+  # Augment before sharding: a crop depends on its global position, not on process_count.
+  ds = ds.random_map(RandomCropDihedral(crop_size), seed=augment_seed)
+  ds = ds[process_index::process_count]
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  # Indexed before any slicing, so the index MixUp sees is the train step.
+  ds = ds.map_with_index(
+    MixUpToFloat(mixup=mixup, alpha=mixup_alpha, start_step=mixup_start_step, seed=mixup_seed)
+  )
+  return TrainIterator(ds, num_workers=num_workers)
+
+
+def _eval_batch(
+  run: list[dict[str, Any]], global_batch_size: int, process_index: int, local_batch_size: int
+) -> Batch:
+  """Pads a run of same-size records to a global batch; returns this process's rows."""
+  real = len(run)
+  rows = run + [run[-1]] * (global_batch_size - real)
+  start = process_index * local_batch_size
+  rows = rows[start : start + local_batch_size]
+  mask = np.arange(start, start + local_batch_size) < real
+  return {
+    'low': np.stack([r['low'] for r in rows]).astype(np.float32) / np.float32(255),
+    'high': np.stack([r['high'] for r in rows]).astype(np.float32) / np.float32(255),
+    'mask': mask,
+    'name': np.array(
+      [str(r['name']) if m else '' for r, m in zip(rows, mask, strict=True)], dtype=str
+    ),
+  }
+
+
+def _runs(records: Iterable[dict[str, Any]], max_len: int) -> Iterator[list[dict[str, Any]]]:
+  """Groups consecutive records of one image size, at most max_len per group."""
+  run: list[dict[str, Any]] = []
+  for record in records:
+    shape = np.shape(record['low'])
+    if np.shape(record['high']) != shape:
+      raise ValueError(
+        f'record {record.get("name", "?")!r}: low {shape} and high '
+        f'{np.shape(record["high"])} differ'
+      )
+    if run and shape != np.shape(run[0]['low']):
+      yield run
+      run = []
+    run.append(record)
+    if len(run) == max_len:
+      yield run
+      run = []
+  if run:
+    yield run
+
+
+def create_eval_iterator(
+  source: Any,
+  *,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[Batch]:
+  """A single pass over a source in full-resolution batches (see the module docstring).
+
+  Args:
+    source: random-access records `{'low', 'high', 'name'}` of uint8 [H, W, 3].
+    global_batch_size: images per batch over all processes.
+    process_index: this process (`jax.process_index()`).
+    process_count: number of processes (`jax.process_count()`).
+
+  Returns:
+    An iterator of batches `{'low', 'high', 'mask', 'name'}` with
+    `global_batch_size // process_count` rows; make a new one for every evaluation.
+  """
+  local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+  if len(source) == 0:
+    raise ValueError(f'evaluation source {source!r} is empty')
+  records = grain.MapDataset.source(source).to_iter_dataset(
+    grain.ReadOptions(num_threads=_EVAL_READ_THREADS, prefetch_buffer_size=2 * global_batch_size)
+  )
+  # A generator expression, so the checks above run now rather than at the first batch.
+  return (
+    _eval_batch(run, global_batch_size, process_index, local_batch_size)
+    for run in _runs(records, global_batch_size)
+  )
