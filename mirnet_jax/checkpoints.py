@@ -99,6 +99,7 @@ def create_manager(
     ),
     enable_async_checkpointing=not read_only,
     read_only=read_only,
+    save_interval_steps=0 if read_only else 1,
     create=not read_only,
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)

@@ -1,0 +1,141 @@
+"""Command line: ``python -m mirnet_jax.main --config=configs/lol.py --workdir=W --mode=train``.
+
+Modes: ``train`` (``train.train_and_evaluate``), ``eval`` (``evaluate.run``) and ``predict``
+(``predict.run`` on ``--input``/``--output``). Every hyper-parameter is a config key,
+overridable as ``--config.optim.learning_rate=1e-4``.
+
+Errors caused by the input (a bad config key or value, a missing dataset or checkpoint, a model
+mismatch, a non-finite loss) print one line and exit with status 1; ``--traceback`` shows the
+traceback instead.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/lol.py.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, summaries, outputs.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'What to do.')
+_INPUT = flags.DEFINE_string('input', None, 'predict: an image, a folder or a glob.')
+_OUTPUT = flags.DEFINE_string('output', None, 'predict: output file or folder.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'predict: replace existing output files.')
+_TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show tracebacks of input errors.')
+
+
+def _is_multiprocess() -> bool:
+  """Whether this process is one of several that form the run (jax.distributed needed)."""
+  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    return True
+  if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    return True  # jax reads the SLURM_* variables itself
+  # A TPU pod slice: more than one worker host listed.
+  return len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of orbax and grain (dozens of lines per checkpoint)."""
+
+  _PATHS = (f'{os.sep}orbax{os.sep}', f'{os.sep}grain{os.sep}')
+  # Checkpoints between validations carry no metric by design.
+  _EXPECTED = 'Requested `tracked_metric`'
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if not any(p in record.pathname for p in self._PATHS):
+      return True
+    return record.levelno >= std_logging.WARNING and not str(record.msg).startswith(self._EXPECTED)
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+  """Exception types that mean 'fix your input', shown as one line."""
+  from mirnet_jax import checkpoints, train
+
+  return (
+    OSError,  # missing files and directories; also a config file that failed to load
+    ValueError,
+    KeyError,
+    checkpoints.CheckpointNotFoundError,
+    train.NonFiniteLossError,
+  )
+
+
+def _run(config, workdir: str) -> int:
+  mode = _MODE.value
+  if mode == 'train':
+    from mirnet_jax import train
+
+    train.train_and_evaluate(config, workdir)
+    return 0
+  if mode == 'eval':
+    from mirnet_jax import evaluate
+
+    return evaluate.run(config, workdir) or 0
+  from mirnet_jax import predict
+
+  if not _INPUT.value or not _OUTPUT.value:
+    raise ValueError('--mode=predict needs --input and --output')
+  return predict.run(config, workdir, _INPUT.value, _OUTPUT.value, _OVERWRITE.value)
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _CONFIG.value is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/lol.py')
+  if _WORKDIR.value is None and _MODE.value != 'predict':
+    raise app.UsageError('--workdir is required')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax
+
+  if _is_multiprocess():
+    # jax reads JAX_COORDINATOR_ADDRESS and cluster variables (SLURM, TPU) itself, but not these.
+    kwargs = {
+      arg: int(os.environ[env])
+      for arg, env in (('num_processes', 'JAX_NUM_PROCESSES'), ('process_id', 'JAX_PROCESS_ID'))
+      if os.environ.get(env)
+    }
+    jax.distributed.initialize(**kwargs)
+  logging.info(
+    'JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(), jax.devices()
+  )
+  try:
+    return _run(_CONFIG.value, _WORKDIR.value or '')
+  except _input_errors() as e:
+    if _TRACEBACK.value:
+      raise
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    message = ' '.join(str(message).split())  # one line, whatever the exception holds
+    print(f'error: {type(e).__name__}: {message}', file=sys.stderr)
+    return 1
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with bad flags and config overrides reported as one line, exit 1.
+
+  A config override of a key that does not exist raises AttributeError inside ml_collections,
+  which absl would print as a traceback.
+  """
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    key = str(e).strip('"\'')
+    used = [a.split('=')[0][2:] for a in argv if a.startswith('--config.') and key in a]
+    message = f'{used[0] if used else key}: no such config key'
+  except (flags.Error, TypeError, ValueError) as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # A config file that raised: its traceback is in the message; its last line says why.
+    message = lines[-1] if 'Traceback' in str(e) else ' '.join(lines)
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
+def run_main() -> None:
+  """Console-script entry point (``mirnet-jax``)."""
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  run_main()
