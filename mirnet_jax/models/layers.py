@@ -5,12 +5,12 @@ Parameters are float32; each module casts its inputs and kernels to the compute 
 
 Three of the blocks are written differently from a literal port, for speed on XLA (the
 results are the same to float32 rounding, see tests/test_layers.py):
-- 1x1 convolutions are einsums: XLA:CPU runs them ~3x faster than a 1x1 `lax.conv`.
+- 1x1 convolutions are 2-D matmuls: XLA:CPU runs them ~3x faster than a 1x1 `lax.conv`.
 - Blur-pool is reflect padding plus shifted strided slices: the gradient of a depthwise conv
   is ~5x slower than its forward on CPU.
-- The stride-2 transposed convolution is a 2x2 convolution producing the four output phases,
-  followed by depth-to-space: the gradient of `nn.ConvTranspose` is ~30x slower than its
-  forward on CPU, and the phase form does no multiplications by inserted zeros.
+- The stride-2 transposed convolution is four matmuls, one per output phase, followed by
+  depth-to-space: the gradient of `nn.ConvTranspose` is ~30x slower than its forward on CPU,
+  and the phase form does no multiplications by inserted zeros.
 """
 
 from collections.abc import Sequence
@@ -29,6 +29,12 @@ PRELU_INIT = 0.25  # PyTorch's nn.PReLU() default slope
 def prelu(x: jax.Array, slope: jax.Array) -> jax.Array:
   """PReLU with one slope for all channels (PyTorch ``nn.PReLU()``)."""
   return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
+
+
+def matmul_channels(x: jax.Array, w: jax.Array) -> jax.Array:
+  """[..., C] @ [C, D] as one 2-D matmul: its gradients are plain matmuls, which XLA:CPU runs
+  ~1.5x faster than those of a 4-D einsum."""
+  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
@@ -50,7 +56,7 @@ class Conv(nn.Module):
     kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
     if k == 1:
-      return jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
+      return matmul_channels(x, kernel[0, 0])
     pad = k // 2
     return jax.lax.conv_general_dilated(
       x,
@@ -91,13 +97,12 @@ def bilinear_up2(x: jax.Array) -> jax.Array:
 
   def up_axis(v: jax.Array, axis: int) -> jax.Array:
     n = v.shape[axis]
-    pad = [(0, 0)] * v.ndim
-    pad[axis] = (1, 1)
-    p = jnp.pad(v, pad, mode='edge')
-    prev = jax.lax.slice_in_dim(p, 0, n, axis=axis)
-    cur = jax.lax.slice_in_dim(p, 1, n + 1, axis=axis)
-    nxt = jax.lax.slice_in_dim(p, 2, n + 2, axis=axis)
-    even, odd = 0.25 * prev + 0.75 * cur, 0.75 * cur + 0.25 * nxt
+    sl = lambda a, b: jax.lax.slice_in_dim(v, a, b, axis=axis)
+    # Neighbours with the border clamped, by concatenation: the gradient of an edge-mode pad
+    # is ~3x slower on XLA:CPU.
+    prev = jnp.concatenate([sl(0, 1), sl(0, n - 1)], axis)
+    nxt = jnp.concatenate([sl(1, n), sl(n - 1, n)], axis)
+    even, odd = 0.25 * prev + 0.75 * v, 0.75 * v + 0.25 * nxt
     out = jnp.stack([even, odd], axis=axis + 1)
     shape = list(v.shape)
     shape[axis] = 2 * n
@@ -110,9 +115,10 @@ class TransposedConvUp(nn.Module):
   """PyTorch ``ConvTranspose2d(C, C, 3, stride=2, padding=1, output_padding=1, bias=False)``.
 
   The kernel is stored as [3, 3, in, out] (the PyTorch weight [in, out, kh, kw] permuted).
-  Output row 2m gets tap ky=1 from input row m; row 2m+1 gets ky=2 from row m and ky=0
-  from row m+1 (zero beyond the border); likewise for columns. So one 2x2 convolution over
-  the input padded by one zero row/column bottom-right makes the four phases at once.
+  Output row 2m gets tap ky=1 from input row m; row 2m+1 gets ky=2 from row m and ky=0 from
+  row m+1 (zero beyond the border); likewise for columns. Each of the four output phases is
+  thus one matmul over the input and its shifted copies (9 taps in all, no multiplications
+  by inserted zeros), interleaved by depth-to-space.
   """
 
   features: int
@@ -120,27 +126,25 @@ class TransposedConvUp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    cin = x.shape[-1]
-    kernel = self.param('kernel', torch_conv_init, (3, 3, cin, self.features))
-    # taps[phase] = [(offset into the padded input, kernel index)]
-    taps = {0: ((0, 1),), 1: ((0, 2), (1, 0))}
-    phases = jnp.zeros((2, 2, cin, 2, 2, self.features), kernel.dtype)
-    for py in (0, 1):
-      for dy, ky in taps[py]:
-        for px in (0, 1):
-          for dx, kx in taps[px]:
-            phases = phases.at[dy, dx, :, py, px, :].set(kernel[ky, kx])
-    phases = phases.reshape(2, 2, cin, 4 * self.features).astype(self.dtype)
-    y = jax.lax.conv_general_dilated(
-      x.astype(self.dtype),
-      phases,
-      window_strides=(1, 1),
-      padding=((0, 1), (0, 1)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-    )
-    b, h, w, _ = y.shape
-    y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
-    return y.reshape(b, 2 * h, 2 * w, self.features)
+    k = self.param('kernel', torch_conv_init, (3, 3, x.shape[-1], self.features))
+    k = k.astype(self.dtype)
+    x = x.astype(self.dtype)
+    zero_row, zero_col = jnp.zeros_like(x[:, :1]), jnp.zeros_like(x[:, :, :1])
+    down = jnp.concatenate([x[:, 1:], zero_row], 1)  # x[m + 1, n]
+    right = jnp.concatenate([x[:, :, 1:], zero_col], 2)  # x[m, n + 1]
+    diag = jnp.concatenate([down[:, :, 1:], zero_col], 2)  # x[m + 1, n + 1]
+
+    def phase(inputs: list[jax.Array], taps: list[tuple[int, int]]) -> jax.Array:
+      w = jnp.concatenate([k[ky, kx] for ky, kx in taps], axis=0)
+      return matmul_channels(jnp.concatenate(inputs, axis=-1), w)
+
+    p00 = phase([x], [(1, 1)])
+    p01 = phase([x, right], [(1, 2), (1, 0)])
+    p10 = phase([x, down], [(2, 1), (0, 1)])
+    p11 = phase([x, right, down, diag], [(2, 2), (2, 0), (0, 2), (0, 0)])
+    b, h, w, c = p00.shape
+    rows = jnp.stack([jnp.stack([p00, p01], 3), jnp.stack([p10, p11], 3)], 2)  # b h 2 w 2 c
+    return rows.reshape(b, 2 * h, 2 * w, c)
 
 
 class SpatialAttention(nn.Module):
