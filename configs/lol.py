@@ -40,7 +40,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.validation_folder = ''  # name='folder': separate validation dir ('' = split off)
   config.data.validation_percent = 10.0  # name='folder': % of pairs held out when no folder given
   config.data.synthetic_pairs = 64  # name='synthetic': number of pairs made (images)
-  config.data.synthetic_size = 128  # name='synthetic': side of each synthetic image (pixels)
+  config.data.synthetic_size = 128  # name='synthetic': image side (pixels, at most 150)
   config.data.synthetic_eval_pairs = 8  # name='synthetic': pairs in validation and in test (images)
   config.data.synthetic_seed = 0  # name='synthetic': seed of the pairs (integer; fixed per split)
   config.data.crop_size = 128  # training crop side (pixels)

@@ -1,5 +1,7 @@
 """Tests of the synthetic low-light pairs (mirnet_jax/data/synthetic.py)."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -41,18 +43,52 @@ def test_random_access_matches_sequential():
     source[6]
 
 
-def test_splits_use_disjoint_photographs():
-  photos = {
-    split: {r['name'].split('_', 1)[1] for r in _pairs(split, n=4, size=32)}
-    for split in ('train', 'validation', 'test')
-  }
-  assert photos['train'] == {'astronaut', 'coffee', 'retina', 'ihc'}
-  assert photos['validation'] == {'rocket'}
-  assert photos['test'] == {'chelsea'}
+def test_splits_use_every_photograph_with_disjoint_names():
+  splits = ('train', 'validation', 'test')
+  pairs = {split: _pairs(split, n=6, size=32) for split in splits}
+  for split in splits:
+    assert {r['name'].split('_')[1] for r in pairs[split]} == {
+      pathlib.Path(p).stem for p in synthetic.PHOTOS
+    }
+    assert all(r['name'].endswith(f'_{split}') for r in pairs[split])
+  names = [r['name'] for split in splits for r in pairs[split]]
+  assert len(set(names)) == len(names)
   with pytest.raises(ValueError, match='unknown split'):
     synthetic.create_synthetic_source('dev', num_pairs=1, size=32, seed=0)
-  with pytest.raises(ValueError, match=r'chelsea.png is 451x300, smaller than size=301'):
-    synthetic.create_synthetic_source('test', num_pairs=1, size=301, seed=0)
+  # chelsea.png (451x300) cannot hold three bands of 151 pixels.
+  synthetic.create_synthetic_source('test', num_pairs=1, size=150, seed=0)
+  with pytest.raises(ValueError, match=r'chelsea.png is 451x300: its bands .* size=151'):
+    synthetic.create_synthetic_source('test', num_pairs=1, size=151, seed=0)
+
+
+def test_split_regions_partition_each_photograph():
+  for height, width, size in ((512, 512, 96), (427, 640, 128), (451, 300, 150), (300, 451, 32)):
+    covered = np.zeros((height, width), int)
+    for split in ('validation', 'train', 'test'):
+      top, left, h, w = synthetic.split_region(height, width, size, split)
+      assert min(h, w) >= size
+      covered[top : top + h, left : left + w] += 1
+    np.testing.assert_array_equal(covered, 1)  # disjoint and together the whole photograph
+  # Bands run across the longer side; each held-out band is 20% of it, or `size` if wider.
+  assert synthetic.split_region(400, 600, 64, 'validation') == (0, 0, 400, 120)
+  assert synthetic.split_region(400, 600, 64, 'train') == (0, 120, 400, 360)
+  assert synthetic.split_region(600, 400, 128, 'test') == (472, 0, 128, 400)
+
+
+def test_split_pairs_come_from_their_own_band(tmp_path):
+  # Pixel value = column index, so every pixel of 'high' says where it was cropped from (bicubic
+  # resizing reproduces a linear ramp, so resized windows keep the values in range).
+  columns = np.broadcast_to(np.arange(250, dtype=np.uint8)[None, :, None], (100, 250, 3))
+  images.write_image(tmp_path / 'ramp.png', np.ascontiguousarray(columns))
+  bands = {'validation': (0, 50), 'train': (50, 200), 'test': (200, 250)}
+  for split, (start, stop) in bands.items():
+    source = synthetic.SyntheticSource(
+      [tmp_path / 'ramp.png'], num_pairs=12, size=20, seed=0, split=split
+    )
+    for i in range(len(source)):
+      high = source[i]['high']
+      assert high.shape == (20, 20, 3)
+      assert start <= high.min() and high.max() < stop, (split, i, high.min(), high.max())
 
 
 def test_darken_with_is_the_documented_model():

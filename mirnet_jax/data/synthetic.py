@@ -23,18 +23,29 @@ With these ranges the mean of `low` is about 0.07 to 0.45 times the mean of `hig
 is visible but moderate, as in LoL's low-light images.
 
 Photographs used (permissive licences, as stated in `skimage/data/_fetchers.py`):
+astronaut.png (Eileen Collins, NASA; public domain), coffee.png (Rachel Michetti; CC0),
+retina.jpg (Mikael Häggström; CC0 1.0), ihc.png (immunohistochemistry, Center for Microscopy
+And Molecular Imaging; no known copyright restrictions), rocket.jpg (SpaceX; public domain),
+chelsea.png (Stefan van der Walt; CC0).
 
-* train: astronaut.png (Eileen Collins, NASA; public domain), coffee.png (Rachel Michetti;
-  CC0), retina.jpg (Mikael Häggström; CC0 1.0), ihc.png (immunohistochemistry, Center for
-  Microscopy And Molecular Imaging; no known copyright restrictions);
-* validation: rocket.jpg (SpaceX; released into the public domain);
-* test: chelsea.png (Stefan van der Walt; CC0).
+Splits are disjoint regions of every photograph, not disjoint photographs. Each photograph is
+cut across its longer side into three bands: validation (the first `b` pixels), train (the
+middle) and test (the last `b` pixels), with `b = max(round(0.2 * longer side), size)`. Why: with
+six sample photographs, holding whole photographs out made validation one photograph whose
+brightness (rocket: mean 0.26) lay outside the training photographs' (0.35-0.63); a model learns
+the brightness of its targets, since a dark input does not say how bright the scene was, so
+that split measured one photograph's exposure rather than enhancement. Bands give every split
+the same scenes, tones and colours (validation is in-distribution) while no pixel is shared.
+Exposure relative to each photograph's brightness was not chosen: it makes the target's
+brightness inferable only by tying it to the input's, a narrower task than real low light, where
+one dark input can come from scenes of different brightness.
 
-The splits use disjoint photographs, and each split draws from its own random stream. Pair `i`
-of a split comes from photograph `i % len(photos)`: a random square window (its side between
-`size` and the photograph's shorter side, at most 4x `size`) resized to `size` x `size`
+Each split also draws from its own random stream. Pair `i` of a split comes from photograph
+`i % len(photos)`: a random square window inside that photograph's band of the split (its side
+between `size` and the band's shorter side, at most 4x `size`) resized to `size` x `size`
 (bicubic), flipped left-right with probability 1/2, then darkened. A pair depends only on
-(seed, split, i), so the source is random-access and identical in every worker process.
+(seed, split, i), so the source is random-access and identical in every worker process. The
+largest `size` is 150 (chelsea.png, 451x300, must hold three bands of at least `size`).
 
 Users can make pairs from their own well-exposed photographs (full size, no crop):
 
@@ -58,13 +69,10 @@ from PIL import Image
 
 from mirnet_jax.data import images
 
-SPLIT_PHOTOS = {
-  'train': ('astronaut.png', 'coffee.png', 'retina.jpg', 'ihc.png'),
-  'validation': ('rocket.jpg',),
-  'test': ('chelsea.png',),
-}
+PHOTOS = ('astronaut.png', 'coffee.png', 'retina.jpg', 'ihc.png', 'rocket.jpg', 'chelsea.png')
 # Separate random streams per split, so no two splits share a draw.
 _SPLIT_STREAM = {'train': 0, 'validation': 1, 'test': 2}
+_HELD_OUT_FRACTION = 0.2  # of a photograph's longer side, for each of validation and test
 _MAX_ZOOM_OUT = 4.0  # a window is at most this many times `size` on a side
 
 
@@ -161,6 +169,36 @@ def _random_window(photo: np.ndarray, size: int, rng: np.random.Generator) -> tu
   return top, left, side
 
 
+def split_region(height: int, width: int, size: int, split: str) -> tuple[int, int, int, int]:
+  """The band (top, left, height, width) of a `height` x `width` photograph given to `split`.
+
+  See the module docstring: validation | train | test across the longer side (columns when the
+  photograph is square), each held-out band `max(round(0.2 * longer side), size)` wide.
+
+  Raises:
+    ValueError: the split is unknown, or its band is smaller than `size` on a side.
+  """
+  if split not in _SPLIT_STREAM:
+    raise ValueError(f'synthetic: unknown split {split!r}; known: {sorted(_SPLIT_STREAM)}')
+  longer = max(height, width)
+  band = max(int(round(_HELD_OUT_FRACTION * longer)), size)
+  # All three bands must fit, whichever split is asked for: the layout is one partition.
+  narrowest = min(band, longer - 2 * band, height, width)
+  if narrowest < size:
+    raise ValueError(
+      f'its bands (validation | train | test) need a longer side of at least {3 * size} and a '
+      f'shorter side of at least {size} for size={size}'
+    )
+  start, stop = {
+    'validation': (0, band),
+    'train': (band, longer - band),
+    'test': (longer - band, longer),
+  }[split]
+  if width >= height:
+    return 0, start, height, stop - start
+  return start, 0, stop - start, width
+
+
 def make_pair(
   photo: np.ndarray, size: int, rng: np.random.Generator, model: LowLightModel | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +232,7 @@ class SyntheticSource:
     seed: int,
     stream: int = 0,
     model: LowLightModel | None = None,
+    split: str | None = None,
   ):
     """Initialises the source.
 
@@ -204,18 +243,28 @@ class SyntheticSource:
       seed: non-negative integer seed.
       stream: separates the random streams of sources sharing a seed (e.g. one per split).
       model: low-light parameter ranges (defaults: `LowLightModel()`).
+      split: crop only from this split's band of each photograph (see `split_region`);
+        None uses whole photographs.
     """
     if not photos:
       raise ValueError('synthetic: no photographs given')
     if num_pairs < 1 or size < 1:
       raise ValueError(f'synthetic: need num_pairs >= 1 and size >= 1, got {num_pairs}, {size}')
+    regions = []
     for path in photos:
       info = images.image_info(path)  # Header only: fail now, not later in a worker.
-      if min(info.width, info.height) < size:
-        raise ValueError(
-          f'synthetic: {path} is {info.width}x{info.height}, smaller than size={size}; '
-          'lower config.data.synthetic_size'
-        )
+      where = f'synthetic: {path} is {info.width}x{info.height}'
+      try:
+        if split is None:
+          if min(info.width, info.height) < size:
+            raise ValueError(f'smaller than size={size}')
+          regions.append((0, 0, info.height, info.width))
+        else:
+          regions.append(split_region(info.height, info.width, size, split))
+      except ValueError as e:
+        raise ValueError(f'{where}: {e}; lower config.data.synthetic_size') from None
+    self._regions = regions
+    self._split = split
     self._photos = [str(p) for p in photos]
     self._num_pairs = int(num_pairs)
     self._size = int(size)
@@ -230,32 +279,43 @@ class SyntheticSource:
     index = int(index)
     if not 0 <= index < self._num_pairs:
       raise IndexError(f'synthetic: index {index} out of range [0, {self._num_pairs})')
-    path = self._photos[index % len(self._photos)]
+    k = index % len(self._photos)
+    top, left, height, width = self._regions[k]
+    photo = _load_photo(self._photos[k])[top : top + height, left : left + width]
     rng = np.random.default_rng([self._seed, self._stream, index])
-    low, high = make_pair(_load_photo(path), self._size, rng, self._model)
-    return {'low': low, 'high': high, 'name': f'{index:05d}_{pathlib.Path(path).stem}'}
+    low, high = make_pair(photo, self._size, rng, self._model)
+    name = f'{index:05d}_{pathlib.Path(self._photos[k]).stem}'
+    # The split in the name: the same index and photograph recur in every split.
+    return {
+      'low': low,
+      'high': high,
+      'name': name if self._split is None else f'{name}_{self._split}',
+    }
 
   def __repr__(self) -> str:
     names = [pathlib.Path(p).name for p in self._photos]
-    return f'SyntheticSource(pairs={self._num_pairs}, size={self._size}, photos={names})'
+    return (
+      f'SyntheticSource(pairs={self._num_pairs}, size={self._size}, split={self._split}, '
+      f'photos={names})'
+    )
 
 
 def create_synthetic_source(split: str, *, num_pairs: int, size: int, seed: int) -> SyntheticSource:
-  """The synthetic source of one split, from the scikit-image photographs of `SPLIT_PHOTOS`.
+  """The synthetic source of one split, from its band of each photograph in `PHOTOS`.
 
   Args:
-    split: 'train', 'validation' or 'test' (disjoint photographs and random streams).
+    split: 'train', 'validation' or 'test' (disjoint regions and random streams).
     num_pairs: number of pairs in the split.
-    size: side of every pair (pixels, at most 300: the shortest photograph).
+    size: side of every pair (pixels, at most 150: see the module docstring).
     seed: non-negative integer seed.
 
   Returns:
     A `SyntheticSource`.
   """
-  if split not in SPLIT_PHOTOS:
-    raise ValueError(f'synthetic: unknown split {split!r}; known: {sorted(SPLIT_PHOTOS)}')
+  if split not in _SPLIT_STREAM:
+    raise ValueError(f'synthetic: unknown split {split!r}; known: {sorted(_SPLIT_STREAM)}')
   data_dir = skimage_data_dir()
-  paths = [data_dir / name for name in SPLIT_PHOTOS[split]]
+  paths = [data_dir / name for name in PHOTOS]
   missing = [str(p) for p in paths if not p.is_file()]
   if missing:
     raise FileNotFoundError(
@@ -263,7 +323,7 @@ def create_synthetic_source(split: str, *, num_pairs: int, size: int, seed: int)
       'scikit-image (the wheel ships them)'
     )
   return SyntheticSource(
-    paths, num_pairs=num_pairs, size=size, seed=seed, stream=_SPLIT_STREAM[split]
+    paths, num_pairs=num_pairs, size=size, seed=seed, stream=_SPLIT_STREAM[split], split=split
   )
 
 
