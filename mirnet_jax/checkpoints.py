@@ -230,3 +230,31 @@ def restore_params(
       step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})
     )
   return dict(model_config), restored[PARAMS], step
+
+
+def load_weights(
+  spec: str | int, workdir: str | pathlib.Path | None, *, key: str = 'checkpoint'
+) -> tuple[dict, Any, int]:
+  """Resolves a checkpoint setting (``config.eval.checkpoint`` and the like) to weights.
+
+  Args:
+    spec: 'best' | 'latest' | a step number (checkpoints of ``workdir``), or a directory: a
+      converted-weights export or another run's workdir (its best checkpoint).
+    workdir: the run directory that 'best', 'latest' and steps refer to (may be an export).
+    key: the config key ``spec`` came from, for error messages.
+
+  Returns:
+    (model config fields, parameters as host arrays, training step; 0 for an export).
+
+  Raises:
+    FileNotFoundError: nothing to restore; the message names ``key`` and what was looked for.
+  """
+  spec = str(spec).strip()
+  if spec in ('best', 'latest') or spec.isdigit():
+    if not workdir:
+      raise FileNotFoundError(f'{key}={spec!r} needs --workdir (the training run)')
+    return restore_params(pathlib.Path(workdir), int(spec) if spec.isdigit() else spec)
+  source = pathlib.Path(spec).expanduser()
+  if not source.is_dir():
+    raise FileNotFoundError(f'{key}={spec!r}: not best|latest|a step, and no such directory')
+  return restore_params(source, 'best')

@@ -1,0 +1,110 @@
+"""--mode=eval: the protocol table for the baselines, a converted model's outputs, errors."""
+
+import csv
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from configs import lol
+from mirnet_jax import convert, evaluate, metrics
+from mirnet_jax.data import images
+
+# ../shared/docs/protocol.md, LoL eval15: (PSNR dB, SSIM, MAE, MSE).
+PROTOCOL_TABLE = {
+  'identity': (7.7733, 0.1952, 99.799, 12613.62),
+  'autocontrast': (11.2416, 0.3787, 71.044, 7084.97),
+  'equalize': (14.8112, 0.3770, 39.921, 2538.51),
+}
+
+
+def _folder_config(folder: pathlib.Path, out: pathlib.Path):
+  config = lol.get_config()
+  config.data.name = 'folder'
+  # A folder's 'test' split is its validation folder: here all of it.
+  config.data.folder = config.data.validation_folder = str(folder)
+  config.eval.output_dir = str(out)
+  config.eval.num_grids = 1
+  return config
+
+
+def _read_csv(path: pathlib.Path) -> list[dict[str, str]]:
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize('method', sorted(PROTOCOL_TABLE))
+def test_baselines_reproduce_the_protocol_table(method, eval15_dir, tmp_path):
+  config = _folder_config(eval15_dir, tmp_path)
+  config.eval.method = method
+  assert evaluate.run(config, None) == 0  # main.py's exit code
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  psnr, ssim, mae, mse = PROTOCOL_TABLE[method]
+  assert summary['psnr'] == pytest.approx(psnr, abs=1e-3)
+  assert summary['ssim'] == pytest.approx(ssim, abs=2e-3)
+  assert summary['mae'] == pytest.approx(mae, abs=1e-3)
+  assert summary['mse'] == pytest.approx(mse, abs=1e-2)
+  assert summary['num_images'] == 15 and summary['method'] == method and summary['step'] == 0
+  assert 'protocol' in summary and 'psnr_gt_mean' not in summary
+  rows = _read_csv(tmp_path / 'metrics.csv')
+  assert list(rows[0]) == ['name', 'psnr', 'ssim', 'mae', 'mse']
+  assert sorted(r['name'] for r in rows) == sorted(p.name for p in (eval15_dir / 'low').iterdir())
+  for key in metrics.METRIC_KEYS:
+    mean = np.mean([float(r[key]) for r in rows])
+    assert mean == pytest.approx(summary[key], rel=1e-6)
+  grids = list((tmp_path / 'grids').iterdir())
+  assert len(grids) == 1 and images.read_image(grids[0]).shape == (400, 1800, 3)
+
+
+@pytest.fixture(scope='module')
+def tiny_export(tmp_path_factory, fixtures_dir) -> pathlib.Path:
+  out = tmp_path_factory.mktemp('weights') / 'tiny'
+  source = fixtures_dir / 'tiny' / 'state_dict.npz'
+  assert convert.main(['--source', str(source), '--output', str(out)]) == 0
+  return out
+
+
+def test_model_eval_writes_every_output(eval15_dir, tiny_export, tmp_path, capsys):
+  # Three pairs cropped to 67x101: not a multiple of the model's 4, so padding is exercised,
+  # and a 4-device mesh with eval batch 4 pads the batch (mask) too.
+  data = tmp_path / 'data'
+  for sub in ('low', 'high'):
+    (data / sub).mkdir(parents=True)
+    for name in ('1.png', '22.png', '23.png'):
+      images.write_image(data / sub / name, images.read_image(eval15_dir / sub / name)[:67, :101])
+  out = tmp_path / 'out'
+  config = _folder_config(data, out)
+  config.eval.checkpoint = str(tiny_export)
+  config.eval.save_images = True
+  config.eval.gt_mean = True
+  config.eval.num_grids = -1
+  summary = evaluate.write_evaluation(config, None)
+  assert summary['num_images'] == 3 and summary['method'] == 'model'
+  assert summary['model']['num_features'] == 8
+  for key in metrics.METRIC_KEYS:
+    assert np.isfinite(summary[key]) and np.isfinite(summary[key + '_gt_mean'])
+  rows = _read_csv(out / 'metrics.csv')
+  assert [r['name'] for r in rows] == ['1.png', '22.png', '23.png']
+  assert 'psnr_gt_mean' in rows[0]
+  for row in rows:
+    # The saved PNG scores exactly what the evaluation reported (quantised like a PNG).
+    enhanced = images.read_image(out / 'images' / row['name'])
+    high = images.read_image(data / 'high' / row['name'])
+    assert enhanced.shape == (67, 101, 3)
+    again = metrics.compute_metrics(enhanced[None] / 255.0, high[None] / 255.0)
+    assert float(again['psnr'][0]) == pytest.approx(float(row['psnr']), abs=1e-5)
+    low = images.read_image(data / 'low' / row['name'])
+    grid = images.read_image(out / 'grids' / row['name'])
+    np.testing.assert_array_equal(grid, np.concatenate([low, enhanced, high], 1))
+  assert 'mean' in capsys.readouterr().out
+
+
+def test_eval_without_checkpoint_is_a_clear_error(eval15_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  config = _folder_config(eval15_dir, tmp_path / 'out')
+  with pytest.raises(FileNotFoundError, match='checkpoint') as info:
+    evaluate.run(config, str(workdir))
+  assert str(workdir) in str(info.value) and 'method=identity' in str(info.value)
+  assert not (tmp_path / 'out').exists()
