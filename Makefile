@@ -32,7 +32,7 @@ demo: venv
 
 bench: venv
 	$(PY) -m mirnet_jax.benchmark --config=configs/lol.py --mode=train_step --batch=4 --size=128
-	$(PY) -m mirnet_jax.benchmark --config=configs/lol.py --mode=forward --batch=1 --height=400 --width=600
+	$(PY) -m mirnet_jax.benchmark --config=configs/lol.py --mode=forward --batch=1 --size=400,600
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

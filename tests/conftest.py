@@ -28,3 +28,18 @@ def fixtures_dir() -> pathlib.Path:
   if not FIXTURES.is_dir():
     pytest.fail(f'missing {FIXTURES}: the tests need ../shared beside the checkout')
   return FIXTURES
+
+
+@pytest.fixture(scope='session')
+def eval15_pairs(eval15_dir):
+  """The 15 eval15 pairs as uint8 [15, 400, 600, 3] arrays (low, high), in name order."""
+  import numpy as np
+  from PIL import Image
+
+  names = sorted(p.name for p in (eval15_dir / 'low').glob('*.png'))
+  assert len(names) == 15
+
+  def read(split):
+    return np.stack([np.asarray(Image.open(eval15_dir / split / n).convert('RGB')) for n in names])
+
+  return read('low'), read('high')

@@ -5,7 +5,6 @@ import math
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from mirnet_jax import baselines, metrics
 
@@ -18,17 +17,6 @@ REFERENCE = {
 # Half a unit of the last printed digit: the reproduced values round to the printed ones.
 # This is tighter than the 1e-3 dB and 2e-3 SSIM the protocol allows.
 TOLERANCE = (5e-5, 5e-5, 5e-4, 5e-3)
-
-
-@pytest.fixture(scope='module')
-def eval15_pairs(eval15_dir):
-  names = sorted(p.name for p in (eval15_dir / 'low').glob('*.png'))
-  assert len(names) == 15
-
-  def read(split):
-    return np.stack([np.asarray(Image.open(eval15_dir / split / n).convert('RGB')) for n in names])
-
-  return read('low'), read('high')
 
 
 @pytest.mark.parametrize('name', sorted(REFERENCE))

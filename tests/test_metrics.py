@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 from skimage.metrics import structural_similarity
 
 from mirnet_jax import metrics
@@ -45,17 +44,6 @@ def _pair_255() -> tuple[np.ndarray, np.ndarray]:
   pred[0, 0, 0, 0] = 14.0
   pred[0, 1, 1, 2] = 8.0
   return pred, target
-
-
-@pytest.fixture(scope='module')
-def eval15_pairs(eval15_dir):
-  names = sorted(p.name for p in (eval15_dir / 'low').glob('*.png'))
-  assert len(names) == 15
-
-  def read(split):
-    return np.stack([np.asarray(Image.open(eval15_dir / split / n).convert('RGB')) for n in names])
-
-  return read('low'), read('high')
 
 
 def test_quantize_clamps_and_rounds():

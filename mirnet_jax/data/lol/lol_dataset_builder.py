@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import tensorflow_datasets as tfds
 
-from mirnet_jax.data import build
+from mirnet_jax.data import build, paired_builder
 
 _HOMEPAGE = 'https://daooshee.github.io/BMVC2018website/'
 _MARKERS = ('our485/low', 'our485/high', 'eval15/low', 'eval15/high')
@@ -47,11 +46,13 @@ def validation_names(names: list[str]) -> set[str]:
   return set(build.hash_order(names)[:count])
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(paired_builder.PairedImageBuilder):
   """LOL low-light enhancement pairs, from the manual download."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release: train 385 / validation 100 / test 15.'}
+  IMAGE_ENCODING = 'png'
+  HOMEPAGE = _HOMEPAGE
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Download LOLdataset.zip from the LOL project page,
   https://daooshee.github.io/BMVC2018website/ (links to Google Drive and Baidu Pan there), and
@@ -60,20 +61,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   `manual_dir/LOLdataset/`. Then run
   `python -m mirnet_jax.data.build lol --manual_dir=manual_dir`.
   """
-
-  def __init__(self, *, file_format=None, **kwargs):
-    # Random access (grain) needs array_record; tfds would default to tfrecord.
-    super().__init__(file_format=file_format or 'array_record', **kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    image = tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format='png')
-    return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict(
-        {'low': image, 'high': image, 'name': tfds.features.Text()}
-      ),
-      supervised_keys=('low', 'high'),
-      homepage=_HOMEPAGE,
-    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = build.find_root(

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import pathlib
 
-import numpy as np
 import tensorflow_datasets as tfds
 
-from mirnet_jax.data import build
+from mirnet_jax.data import build, paired_builder
 
 _HOMEPAGE = 'https://github.com/csjcai/SICE'
 _TEST_FRACTION = 0.1
@@ -65,11 +64,13 @@ def _sequence(pair: build.Pair) -> str:
   return pathlib.PurePosixPath(pair.key).stem
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(paired_builder.PairedImageBuilder):
   """SICE Part 1: darkest exposure -> reference, from the manual download."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release: darkest exposure of each Part 1 sequence.'}
+  IMAGE_ENCODING = 'jpeg'
+  HOMEPAGE = _HOMEPAGE
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Download "Part1: 360 Image Sequences" of SICE from the links in the README of
   https://github.com/csjcai/SICE (Google Drive https://goo.gl/gTGfLk or BaiduYun
@@ -79,20 +80,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   folders, or a `manual_dir/Dataset_Part1.zip` repacked from it, work too). Then run
   `python -m mirnet_jax.data.build sice --manual_dir=manual_dir`.
   """
-
-  def __init__(self, *, file_format=None, **kwargs):
-    # Random access (grain) needs array_record; tfds would default to tfrecord.
-    super().__init__(file_format=file_format or 'array_record', **kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    image = tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format='jpeg')
-    return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict(
-        {'low': image, 'high': image, 'name': tfds.features.Text()}
-      ),
-      supervised_keys=('low', 'high'),
-      homepage=_HOMEPAGE,
-    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = build.find_root(
