@@ -14,6 +14,7 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -38,6 +39,18 @@ def is_export(directory: str | pathlib.Path) -> bool:
   return (directory / MODEL_JSON).is_file() and (directory / 'params').is_dir()
 
 
+def _replicated_target(shapes: Any) -> Any:
+  """A restore template replicated over this run's devices.
+
+  Without a sharding, orbax reuses the one stored with the checkpoint and fails when the
+  device topology differs (trained on 4 devices, evaluated on 1); weights for eval/predict
+  are wanted on whatever devices are here.
+  """
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+
+
 def load_export(directory: str | pathlib.Path) -> tuple[dict, Any]:
   """Reads an export: returns (model_config fields, params as host arrays)."""
   directory = pathlib.Path(directory).absolute()
@@ -49,7 +62,7 @@ def load_export(directory: str | pathlib.Path) -> tuple[dict, Any]:
   from mirnet_jax.models import create_model, param_shapes
 
   target = param_shapes(create_model(model_config))
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), target)
+  target = _replicated_target(target)
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(directory / 'params', target)
   return model_config, params
@@ -225,7 +238,7 @@ def restore_params(
     from mirnet_jax.models import create_model, param_shapes
 
     target = param_shapes(create_model(model_config))
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), target)
+    target = _replicated_target(target)
     restored = manager.restore(
       step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})
     )
