@@ -34,12 +34,9 @@ def _read_csv(path: pathlib.Path) -> list[dict[str, str]]:
     return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize('method', sorted(PROTOCOL_TABLE))
-def test_baselines_reproduce_the_protocol_table(method, eval15_dir, tmp_path):
-  config = _folder_config(eval15_dir, tmp_path)
-  config.eval.method = method
-  assert evaluate.run(config, None) == 0  # main.py's exit code
-  summary = json.loads((tmp_path / 'summary.json').read_text())
+def _check_protocol_outputs(out: pathlib.Path, method: str, eval15_dir: pathlib.Path) -> dict:
+  """summary.json holds the protocol table's row; metrics.csv and one grid agree with it."""
+  summary = json.loads((out / 'summary.json').read_text())
   psnr, ssim, mae, mse = PROTOCOL_TABLE[method]
   assert summary['psnr'] == pytest.approx(psnr, abs=1e-3)
   assert summary['ssim'] == pytest.approx(ssim, abs=2e-3)
@@ -47,14 +44,38 @@ def test_baselines_reproduce_the_protocol_table(method, eval15_dir, tmp_path):
   assert summary['mse'] == pytest.approx(mse, abs=1e-2)
   assert summary['num_images'] == 15 and summary['method'] == method and summary['step'] == 0
   assert 'protocol' in summary and 'psnr_gt_mean' not in summary
-  rows = _read_csv(tmp_path / 'metrics.csv')
+  rows = _read_csv(out / 'metrics.csv')
   assert list(rows[0]) == ['name', 'psnr', 'ssim', 'mae', 'mse']
   assert sorted(r['name'] for r in rows) == sorted(p.name for p in (eval15_dir / 'low').iterdir())
   for key in metrics.METRIC_KEYS:
     mean = np.mean([float(r[key]) for r in rows])
     assert mean == pytest.approx(summary[key], rel=1e-6)
-  grids = list((tmp_path / 'grids').iterdir())
+  grids = list((out / 'grids').iterdir())
   assert len(grids) == 1 and images.read_image(grids[0]).shape == (400, 1800, 3)
+  return summary
+
+
+@pytest.mark.parametrize('method', sorted(PROTOCOL_TABLE))
+def test_baselines_reproduce_the_protocol_table_on_lol(method, lol_data_dir, eval15_dir, tmp_path):
+  # The TFDS path of --mode=eval: LoL 'test', built (conftest) from the shared eval15 pairs.
+  config = lol.get_config()
+  config.data.name = 'lol'
+  config.data.data_dir = str(lol_data_dir)
+  config.eval.split = 'test'
+  config.eval.method = method
+  config.eval.num_grids = 1
+  assert evaluate.run(config, str(tmp_path)) == 0  # main.py's exit code
+  summary = _check_protocol_outputs(tmp_path / 'eval' / 'test', method, eval15_dir)
+  assert summary['data'] == 'lol' and summary['split'] == 'test'
+
+
+def test_folder_baseline_reproduces_the_protocol_table(eval15_dir, tmp_path):
+  # The folder path gives the same numbers (one method: the LoL test covers all three).
+  config = _folder_config(eval15_dir, tmp_path)
+  config.eval.method = 'identity'
+  assert evaluate.run(config, None) == 0
+  summary = _check_protocol_outputs(tmp_path, 'identity', eval15_dir)
+  assert summary['data'] == 'folder'
 
 
 @pytest.fixture(scope='module')

@@ -64,7 +64,11 @@ class SiceDummyDataTest(_DataSourceChecks, tfds.testing.DatasetBuilderTestCase):
 
 def _prepare(name, manual_dir, data_dir, pixels=('train', 'validation', 'test')):
   """Builds; returns {split: [examples sorted by name]}, only names outside `pixels` splits."""
-  builder = build.build(name, os.fspath(manual_dir), os.fspath(data_dir))
+  return _read(build.build(name, os.fspath(manual_dir), os.fspath(data_dir)), pixels)
+
+
+def _read(builder, pixels):
+  """{split: [examples sorted by name]} of a prepared builder; only names outside `pixels`."""
   skip = tfds.decode.SkipDecoding()
   out = {}
   for split in builder.info.splits:
@@ -79,23 +83,13 @@ def _prepare(name, manual_dir, data_dir, pixels=('train', 'validation', 'test'))
 
 
 @pytest.fixture(scope='module')
-def lol_485(eval15_dir, tmp_path_factory):
-  """A full-size LOL manual dir: eval15 itself, and our485 as 485 renamed links to its pairs."""
-  manual = tmp_path_factory.mktemp('lol_manual')
-  os.symlink(eval15_dir, manual / 'eval15')
-  sources = sorted(p.name for p in (eval15_dir / 'low').iterdir())
-  for part in ('low', 'high'):
-    (manual / 'our485' / part).mkdir(parents=True)
-  for i in range(485):
-    for part in ('low', 'high'):
-      os.symlink(eval15_dir / part / sources[i % 15], manual / 'our485' / part / f'{1000 + i}.png')
-  data_dir = tmp_path_factory.mktemp('lol_data')
-  yield manual, _prepare('lol', manual, data_dir, pixels=('test',))
-  shutil.rmtree(data_dir)  # 350 MB of array_record files.
+def lol_485(lol_data_dir):
+  """conftest's full-size LoL (eval15, and our485 as 485 renamed links), built once a session."""
+  return _read(lol_dataset_builder.Builder(data_dir=os.fspath(lol_data_dir)), pixels=('test',))
 
 
 def test_lol_full_size_splits_and_pixels(lol_485, eval15_dir):
-  _, data = lol_485
+  data = lol_485
   assert {k: len(v) for k, v in data.items()} == {'train': 385, 'validation': 100, 'test': 15}
   test_names = [ex['name'].decode() for ex in data['test']]
   assert sorted(test_names) == sorted(p.name for p in (eval15_dir / 'low').iterdir())
@@ -110,9 +104,9 @@ def test_lol_full_size_splits_and_pixels(lol_485, eval15_dir):
   assert validation == lol_dataset_builder.validation_names(sorted(validation | train))
 
 
-def test_lol_validation_independent_of_file_order(lol_485, tmp_path):
+def test_lol_validation_independent_of_file_order(lol_485, lol_manual_dir, tmp_path):
   """Same names, other bytes (tiny images), files created and zipped in a shuffled order."""
-  manual, data = lol_485
+  manual, data = lol_manual_dir, lol_485
   entries = [f'{part}/{side}/{p.name}' for part in ('our485', 'eval15') for side in ('low', 'high')
              for p in (manual / part / side).iterdir()]  # fmt: skip
   random.Random(7).shuffle(entries)
