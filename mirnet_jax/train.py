@@ -78,16 +78,32 @@ def create_optimizer(
   return opt
 
 
-def _check_params(params: Any, expected: Any, where: str) -> None:
-  """Raises naming ``where`` unless ``params`` has the tree and shapes of ``expected``."""
-  shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
-  if jax.tree.structure(params) != jax.tree.structure(expected) or shapes(params) != shapes(
-    expected
-  ):
-    raise ModelMismatchError(
-      f'{where}: its parameters do not fit config.model (different architecture); '
-      'use the same config.model as the run that wrote them'
-    )
+def _param_shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  """``{'rrg_0/mrb_0/.../kernel': shape}`` for every leaf of a parameter tree."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(x.shape) for path, x in leaves}
+
+
+def _check_params(params: Any, expected: Any, where: str, max_listed: int = 8) -> None:
+  """Raises naming ``where`` and the differing keys unless ``params`` fits ``expected``."""
+  got, want = _param_shapes_by_path(params), _param_shapes_by_path(expected)
+  if got == want:
+    return
+  diff = []
+  for key in sorted(set(got) | set(want)):
+    if key not in want:
+      diff.append(f'{key} (only in the weights)')
+    elif key not in got:
+      diff.append(f'{key} (only in config.model)')
+    elif got[key] != want[key]:
+      diff.append(f'{key}: weights {got[key]}, config.model {want[key]}')
+  listed = '; '.join(diff[:max_listed]) + (
+    f'; ... {len(diff) - max_listed} more' if len(diff) > max_listed else ''
+  )
+  raise ModelMismatchError(
+    f'{where}: its parameters do not fit config.model (different architecture): '
+    f'{len(diff)} keys differ: {listed}; use the same config.model as the run that wrote them'
+  )
 
 
 def create_train_state(

@@ -9,11 +9,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tiny
 
-from mirnet_jax import checkpoints, sharding, train
+from mirnet_jax import checkpoints, convert, losses, sharding, train
+from mirnet_jax.models import param_shapes
 
 REPO = tiny.REPO
 SCALARS = {
@@ -168,3 +171,179 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir, 
   assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [2, 4]
   params, _ = _params(tmp_path)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+# ---------------------------------------------------------------------------------------------
+# init_from, bfloat16 compute, AdamW and clipping, the learning-rate schedule.
+
+
+def _initial_state(config, num_steps=6):
+  """What train_and_evaluate starts from (before any resume) for ``config``."""
+  schedule = train.create_learning_rate_schedule(config.optim, num_steps)
+  tx = train.create_optimizer(config.optim, schedule)
+  return train.create_train_state(
+    config, tiny.model(config), tx, sharding.create_mesh(), jax.random.key(0)
+  )
+
+
+def _assert_trees_equal(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.fixture(scope='module')
+def official_export(tmp_path_factory, fixtures_dir):
+  """The official tiny model (8 features, height 3, reduction 8), converted."""
+  out = tmp_path_factory.mktemp('weights') / 'tiny'
+  source = fixtures_dir / 'tiny' / 'state_dict.npz'
+  assert convert.main(['--source', str(source), '--output', str(out)]) == 0
+  return out
+
+
+def test_init_from_converted_weights(official_export):
+  fields = json.loads((official_export / checkpoints.MODEL_JSON).read_text())
+  model = {f'model__{k}': v for k, v in fields.items()}
+  config = tiny.config(train__init_from=str(official_export), model__reduction=8, **model)
+  state = _initial_state(config)
+  _, want = checkpoints.load_export(official_export)
+  _assert_trees_equal(state.params, want)
+  assert int(state.step) == 0
+  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
+  mu = optax.tree.get(state.opt_state, 'mu')
+  assert all(not np.asarray(x).any() for x in jax.tree.leaves(mu))
+
+
+def test_init_from_another_run_takes_its_best_checkpoint(tmp_path):
+  import grain
+
+  config = tiny.config()
+  shapes = param_shapes(tiny.model(config))
+  rng = np.random.default_rng(0)
+  params = [
+    jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes) for _ in range(2)
+  ]
+  data = iter(grain.MapDataset.range(4).to_iter_dataset())
+  with checkpoints.create_manager(tmp_path) as manager:
+    # Step 1 is the best by validation PSNR; step 2, the latest, is worse.
+    for step, psnr in ((1, 30.0), (2, 20.0)):
+      opt = {'step': np.int32(step)}
+      checkpoints.save(manager, step, params[step - 1], opt, data, config.to_dict(), {'psnr': psnr})
+    manager.wait_until_finished()
+  state = _initial_state(tiny.config(train__init_from=str(tmp_path)))
+  _assert_trees_equal(state.params, params[0])
+  assert int(state.step) == 0  # fine-tuning starts a new run: only the weights are taken
+
+
+def test_init_from_another_architecture_names_the_keys(official_export):
+  # The tiny training model has height 2 and reduction 4; the export height 3 and reduction 8.
+  config = tiny.config(train__init_from=str(official_export))
+  with pytest.raises(train.ModelMismatchError) as error:
+    _initial_state(config)
+  message = str(error.value)
+  assert f'init_from={str(official_export)!r}' in message
+  key = 'rrg_0/mrb_0/dau_0/channel_attention/squeeze/kernel'
+  assert f'{key}: weights (1, 1, 8, 1), config.model (1, 1, 8, 2)' in message, message
+  assert 'rrg_0/mrb_0/dau_2/conv_0/kernel (only in the weights)' in message, message
+
+
+def test_bfloat16_compute_trains_with_float32_parameters(uninterrupted):
+  # Fine-tunes the float32 run in bfloat16: init_from needs no eager init (slow on CPU).
+  config = tiny.config(model__dtype='bfloat16', train__init_from=str(uninterrupted))
+  state = _initial_state(config)
+  model = tiny.model(config)
+  image = jax.ShapeDtypeStruct((1, 16, 16, 3), np.float32)
+  assert jax.eval_shape(model.apply, {'params': state.params}, image).dtype == jnp.bfloat16
+  mesh = sharding.create_mesh()
+  high = np.random.default_rng(0).uniform(0.2, 0.8, (4, 16, 16, 3)).astype(np.float32)
+  batch = sharding.global_batch({'low': 0.3 * high, 'high': high}, mesh)
+  step = train.make_train_step(mesh, losses.create_loss(config.loss))
+  before = jax.device_get(state.params)
+  loss = []
+  for _ in range(3):
+    state, metrics = step(state, batch)
+    loss.append(float(metrics['loss']))
+  assert np.isfinite(loss).all() and loss[-1] < loss[0], loss
+  for tree in (state.params, optax.tree.get(state.opt_state, 'mu')):
+    assert {x.dtype for x in jax.tree.leaves(tree)} == {jnp.dtype('float32')}
+  # The steps moved the weights (a PReLU slope on all-positive inputs may get no gradient).
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, state.params)
+  assert np.mean(jax.tree.leaves(changed)) > 0.9
+
+
+def _adam_reference(params, grads, lr, weight_decay, clip):
+  """Hand-written AdamW(0.9, 0.999, eps 1e-8) after global-norm clipping (0 = off)."""
+  b1, b2, eps = 0.9, 0.999, 1e-8
+  p = {k: v.astype(np.float64) for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v = {k: np.zeros_like(x) for k, x in p.items()}
+  for t, g in enumerate(grads, 1):
+    norm = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in g.values()))
+    scale = min(1.0, clip / norm) if clip else 1.0
+    for k in p:
+      gk = g[k] * scale
+      m[k] = b1 * m[k] + (1 - b1) * gk
+      v[k] = b2 * v[k] + (1 - b2) * gk**2
+      m_hat, v_hat = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
+      p[k] = p[k] - lr * (m_hat / (np.sqrt(v_hat) + eps) + weight_decay * p[k])
+  return p
+
+
+@pytest.mark.parametrize('weight_decay, clip', [(0.0, 0.0), (0.1, 0.0), (0.0, 1.0), (0.1, 1.0)])
+def test_optimizer_matches_hand_written_adamw_with_clipping(weight_decay, clip):
+  optim = tiny.config(optim__weight_decay=weight_decay, optim__grad_clip_norm=clip).optim
+  lr = 0.1
+  tx = train.create_optimizer(optim, optax.constant_schedule(lr))
+  params = {'a': np.array([1.0, -2.0, 3.0], np.float32), 'b': np.array([[0.5]], np.float32)}
+  # Global norms 10 (clipped to 1 when clip=1) then 0.5 (never clipped): the second step mixes
+  # both in Adam's moments, so clipping changes the result although Adam is scale invariant.
+  grads = [
+    {'a': np.array([6.0, 0.0, -8.0], np.float32), 'b': np.array([[0.0]], np.float32)},
+    {'a': np.array([0.3, 0.0, 0.0], np.float32), 'b': np.array([[0.4]], np.float32)},
+  ]
+  state, p = tx.init(params), params
+  for i, g in enumerate(grads):
+    updates, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, updates)
+    if i == 0:
+      # Adam's first moment after one step is (1 - beta1) * the (clipped) gradient.
+      mu_norm = optax.tree.norm(optax.tree.get(state, 'mu')) / (1 - optim.beta1)
+      np.testing.assert_allclose(mu_norm, clip or 10.0, rtol=1e-6)
+  want = _adam_reference(params, grads, lr, weight_decay, clip)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p, want)
+  # The reference itself tells the four cases apart.
+  others = [_adam_reference(params, grads, lr, w, c) for w in (0.0, 0.1) for c in (0.0, 1.0)]
+  assert sum(all(np.allclose(o[k], want[k]) for k in want) for o in others) == 1
+
+
+def test_weight_decay_shrinks_parameters_under_zero_gradient():
+  params = {'w': np.array([1.0, -2.0, 4.0], np.float32)}
+  zero = {'w': np.zeros(3, np.float32)}
+  for weight_decay, factor in ((0.0, 1.0), (0.01, 1 - 0.1 * 0.01)):
+    optim = tiny.config(optim__weight_decay=weight_decay).optim
+    tx = train.create_optimizer(optim, optax.constant_schedule(0.1))
+    updates, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(optax.apply_updates(params, updates)['w'], factor * params['w'])
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_the_end_value():
+  # The paper recipe: 2e-4 peak after 72 warm-up steps, cosine to 1e-6 at step 100,000.
+  optim = tiny.config(
+    optim__learning_rate=2e-4, optim__end_learning_rate=1e-6, optim__warmup_steps=72
+  ).optim
+  schedule = train.create_learning_rate_schedule(optim, 100_000)
+  want = {
+    0: 0.0,
+    36: 1e-4,
+    72: 2e-4,
+    72 + 99_928 // 2: (2e-4 + 1e-6) / 2,
+    72 + 99_928 // 4: 1e-6 + (2e-4 - 1e-6) * (1 + np.cos(np.pi / 4)) / 2,
+    100_000: 1e-6,
+  }
+  for step, value in want.items():
+    np.testing.assert_allclose(schedule(step), value, rtol=1e-5, err_msg=f'step {step}')
+  # A 6-step run with 2 warm-up steps: optax counts 0..5 drive its updates, cosine over 4 steps.
+  optim = tiny.config(optim__warmup_steps=2).optim  # peak 2e-3, end 1e-6
+  schedule = train.create_learning_rate_schedule(optim, 6)
+  cosine = lambda f: 1e-6 + (2e-3 - 1e-6) * (1 + np.cos(np.pi * f)) / 2
+  want = [0.0, 1e-3, 2e-3, cosine(1 / 4), cosine(1 / 2), cosine(3 / 4), 1e-6]
+  np.testing.assert_allclose([schedule(s) for s in range(7)], want, rtol=1e-5)
