@@ -367,6 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         break
   finally:
     preemption.close()
+    train_iter.close()  # stops grain's worker processes now, not at garbage collection
     manager.wait_until_finished()
     manager.close()
     writer.flush()

@@ -37,11 +37,13 @@ renamed over the target with `os.replace`, so a crash never leaves a half-writte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
 import pathlib
 import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -119,6 +121,22 @@ def _describe(source: Source, name: str | None) -> str:
   return '<bytes>' if isinstance(source, bytes) else str(source)
 
 
+@contextlib.contextmanager
+def _errors_named(name: str) -> Iterator[None]:
+  """Turns whatever opening or decoding raises into an ImageError naming the file."""
+  try:
+    yield
+  except FileNotFoundError as e:
+    raise ImageError(f'{name}: no such file') from e
+  except IsADirectoryError as e:
+    raise ImageError(f'{name}: is a directory') from e
+  except Image.UnidentifiedImageError as e:
+    raise ImageError(f'{name}: not an image Pillow can read') from e
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    # Pillow signals corrupt data with OSError, ValueError and (for some formats) SyntaxError.
+    raise ImageError(f'{name}: cannot decode image: {e}') from e
+
+
 def image_info(source: Source, *, name: str | None = None, verify: bool = False) -> ImageInfo:
   """Reads what an image's header says, optionally checking that all its pixels decode.
 
@@ -137,7 +155,7 @@ def image_info(source: Source, *, name: str | None = None, verify: bool = False)
       data is truncated or corrupt.
   """
   name = _describe(source, name)
-  try:
+  with _errors_named(name):
     with _open(source) as img:
       width, height = img.size
       # Before anything loads the pixels: loading clears the tile that tells the bit depth.
@@ -148,14 +166,6 @@ def image_info(source: Source, *, name: str | None = None, verify: bool = False)
       if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
       return ImageInfo(width, height, img.mode, img.format or '', bits, orientation)
-  except FileNotFoundError as e:
-    raise ImageError(f'{name}: no such file') from e
-  except IsADirectoryError as e:
-    raise ImageError(f'{name}: is a directory') from e
-  except Image.UnidentifiedImageError as e:
-    raise ImageError(f'{name}: not an image Pillow can read') from e
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise ImageError(f'{name}: cannot decode image: {e}') from e
 
 
 def _load_png16(source: Source, img: Image.Image) -> np.ndarray:
@@ -256,18 +266,9 @@ def decode_image(data: bytes, *, name: str = '<bytes>') -> np.ndarray:
 
 
 def _read(source: Source, name: str) -> np.ndarray:
-  try:
+  with _errors_named(name):
     with _open(source) as img:
       return _to_rgb_array(source, img)
-  except FileNotFoundError as e:
-    raise ImageError(f'{name}: no such file') from e
-  except IsADirectoryError as e:
-    raise ImageError(f'{name}: is a directory') from e
-  except Image.UnidentifiedImageError as e:
-    raise ImageError(f'{name}: not an image Pillow can read') from e
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    # Pillow signals corrupt data with OSError, ValueError and (for some formats) SyntaxError.
-    raise ImageError(f'{name}: cannot decode image: {e}') from e
 
 
 def _as_uint8(array: np.ndarray, path: pathlib.Path) -> np.ndarray:
