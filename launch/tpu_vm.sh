@@ -44,13 +44,13 @@ CONFIG=${CONFIG:-configs/lol.py}
 [[ $CONFIG != /* && -f $REPO/${CONFIG%%:*} ]] ||
   die "CONFIG=$CONFIG must be a config file inside the repository, e.g. configs/lol.py"
 REMOTE_DIR=${REMOTE_DIR:-mirnet-jax}
-[[ $REMOTE_DIR =~ ^[A-Za-z0-9_.][A-Za-z0-9_./-]*$ ]] ||
+[[ $REMOTE_DIR =~ ^[A-Za-z0-9_.][A-Za-z0-9_./-]*$ && /$REMOTE_DIR/ != */../* ]] ||
   die "REMOTE_DIR=$REMOTE_DIR must be a plain path relative to the workers' home directory"
 
 gcloud_flags=("--zone=$ZONE")
 [[ -z ${PROJECT:-} ]] || gcloud_flags+=("--project=$PROJECT")
 read -r -a extra_flags <<<"${GCLOUD_FLAGS:-}"
-gcloud_flags+=("${extra_flags[@]}" --worker=all)
+gcloud_flags+=(${extra_flags[@]+"${extra_flags[@]}"} --worker=all)
 
 # What every worker runs, as one shell line (gcloud hands it to the worker's login shell).
 train=(.venv/bin/python -m mirnet_jax.main "--config=$CONFIG" "--workdir=$WORKDIR"

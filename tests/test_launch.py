@@ -73,7 +73,7 @@ def launcher(tmp_path):
       'PATH': f'{bin_dir}:{os.environ["PATH"]}',
       'HOME': str(tmp_path),
       'TMPDIR': str(tmp_path / 'tmp'),
-      'LC_ALL': 'C.UTF-8',
+      'LC_ALL': 'C',
       'FAKE_LOG': str(log),
       'FAKE_WATCHED': ','.join(WATCHED),
       **(env or {}),
