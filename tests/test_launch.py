@@ -186,6 +186,32 @@ def test_gpu_real_run_executes_what_the_dry_run_printed(launcher):
   assert variables['JAX_PROCESS_ID'] == '1'
 
 
+# Makes XLA parse XLA_FLAGS: a CPU client from jaxlib alone (a second, where importing jax takes
+# several); jax itself if that jaxlib API moves.
+PARSE_XLA_FLAGS = """
+try:
+  from jaxlib import xla_client
+  xla_client.make_cpu_client()
+except (ImportError, AttributeError):
+  import jax
+  jax.devices()
+"""
+
+
+def test_gpu_xla_flags_are_known_to_the_installed_jaxlib(launcher):
+  """XLA aborts on an unknown flag in XLA_FLAGS; the GPU build shares these DebugOptions."""
+  result, _ = launcher('gpu.sh', {'DRY_RUN': '1', 'WORKDIR': '/w'})
+  variables, _ = split_env(commands(result.stdout)[0][1])
+  check = subprocess.run(
+    [sys.executable, '-c', PARSE_XLA_FLAGS],
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': variables['XLA_FLAGS']},
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert check.returncode == 0, check.stderr[-2000:]
+
+
 # SLURM.
 
 
@@ -314,12 +340,15 @@ def test_tpu_pod_dry_run(launcher):
 
 @pytest.mark.parametrize(
   'endpoints, coordinator',
-  [('w-0:0:10.130.0.2,w-1:1:10.130.0.3', '10.130.0.2:8482'), ('t1v-n-0,t1v-n-1', 't1v-n-0:8482')],
+  [
+    ('w-0:0:10.130.0.2,w-1:1:10.130.0.3', '10.130.0.2:8482'),  # a pod slice, name:id:ip entries
+    ('t1v-n-0', 't1v-n-0:8482'),  # a single-host VM, host names
+  ],
 )
-def test_tpu_real_run_on_two_fake_workers(launcher, tmp_path, endpoints, coordinator):
+def test_tpu_real_run_on_fake_workers(launcher, tmp_path, endpoints, coordinator):
   if subprocess.run(['git', '-C', str(REPO), 'rev-parse', 'HEAD'], capture_output=True).returncode:
     pytest.skip('tpu_vm.sh ships the git HEAD; this checkout is not a git repository')
-  homes = [tmp_path / 'worker0', tmp_path / 'worker1']
+  homes = [tmp_path / f'worker{i}' for i in range(len(endpoints.split(',')))]
   for home in homes:
     home.mkdir()
   env = {**POD, 'FAKE_WORKERS': ','.join(map(str, homes)), 'FAKE_ENDPOINTS': endpoints}
