@@ -90,7 +90,7 @@ check_flags() {
       --config | --config=* | --workdir | --workdir=*)
         die "pass CONFIG=... and WORKDIR=... instead of '$arg' (the launcher sets both)" ;;
       --*) ;;
-      *) die "unexpected argument '$arg': only --flag=value arguments are passed to mirnet_jax.main" ;;
+      *) die "unexpected argument '$arg': only --flag=value arguments go to mirnet_jax.main" ;;
     esac
   done
 }
@@ -105,7 +105,7 @@ gpu_xla_flags() {
   printf '%s' "$flags"
 }
 
-# The pip extra that installs jax for this accelerator (pyproject.toml [project.optional-dependencies]).
+# The pip extra that installs jax for this GPU (pyproject.toml [project.optional-dependencies]).
 cuda_extra() {
   case "${CUDA:-cuda13}" in
     cuda12 | cuda13) printf '%s' "${CUDA:-cuda13}" ;;

@@ -35,7 +35,8 @@ for var in WORKDIR DATA_DIR; do
   if [[ $value == gs://* ]]; then
     continue
   elif [[ ${SINGLE_HOST:-0} != 1 ]]; then
-    die "$var=$value is not on GCS: the hosts of a pod slice share no disk, use gs://BUCKET/... (SINGLE_HOST=1 allows a local path on a single-host VM)"
+    die "$var=$value is not on GCS: the hosts of a pod slice share no disk, use gs://BUCKET/..." \
+      "(SINGLE_HOST=1 allows a local path on a single-host VM)"
   elif [[ $value != /* ]]; then
     die "$var=$value must be an absolute path on the VM (or gs://...)"
   fi
@@ -74,7 +75,9 @@ else
   remote+="; exec $(join_quoted "${train[@]}")"
 fi
 
-if git -C "$REPO" status --porcelain --untracked-files=no | grep -q .; then
+git -C "$REPO" rev-parse --verify -q HEAD >/dev/null 2>&1 ||
+  die "$REPO is not a git checkout with a commit: the workers get its HEAD (git archive)"
+if [[ -n $(git -C "$REPO" status --porcelain --untracked-files=no) ]]; then
   echo "$LAUNCHER: warning: uncommitted changes are not shipped (the workers get HEAD)" >&2
 fi
 tarball="${TMPDIR:-/tmp}/mirnet-jax-$$.tar.gz"

@@ -395,6 +395,23 @@ def test_tpu_single_host_vm_may_use_its_own_disk(launcher):
   )
 
 
+GIT = ': the workers get its HEAD (git archive)'
+
+
+def test_tpu_needs_a_git_checkout(tmp_path):
+  copy = tmp_path / 'copy'
+  shutil.copytree(LAUNCH, copy / 'launch')
+  shutil.copytree(REPO / 'configs', copy / 'configs')
+  env = {**POD, 'PATH': os.environ['PATH'], 'GIT_CEILING_DIRECTORIES': str(tmp_path)}
+  result = subprocess.run(
+    ['bash', str(copy / 'launch' / 'tpu_vm.sh')], env=env, capture_output=True, text=True
+  )
+  assert result.returncode == 2 and result.stdout == ''
+  assert result.stderr.splitlines() == [
+    f'tpu_vm.sh: {copy} is not a git checkout with a commit' + GIT
+  ]
+
+
 # Errors: one line naming the variable, exit status 2, nothing run.
 
 
