@@ -215,14 +215,11 @@ def test_gpu_xla_flags_are_known_to_the_installed_jaxlib(launcher):
 # SLURM.
 
 
-SLURM_JOB = {
-  'SLURM_JOB_ID': '42',
-  'SLURM_JOB_NUM_NODES': '2',
-  'SLURM_GPUS_ON_NODE': '4',
-  'SLURM_CPUS_PER_TASK': '8',
-  'SLURM_SUBMIT_DIR': str(REPO),
-  'WORKDIR': '/shared/runs/lol',
-}
+SLURM_JOB = dict(
+  SLURM_JOB_ID='42', SLURM_JOB_NUM_NODES='2', SLURM_GPUS_ON_NODE='4', SLURM_CPUS_PER_TASK='8'
+)
+SLURM_JOB.update(SLURM_SUBMIT_DIR=str(REPO), WORKDIR='/shared/runs/lol')
+SRUN = 'srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1'.split()
 
 
 def test_slurm_header_keeps_one_task_per_node_and_the_preemption_signal():
@@ -239,14 +236,7 @@ def test_slurm_dry_run_in_an_allocation(launcher):
   printed = commands(result.stdout)
   assert [host for host, _ in printed] == ['first node', 'node 0', 'node 1']
   step = printed[0][1]
-  assert step[:6] == [
-    'srun',
-    '--nodes=2',
-    '--ntasks=2',
-    '--ntasks-per-node=1',
-    '--kill-on-bad-exit=1',
-    '--cpus-per-task=8',
-  ]
+  assert step[:6] == [*SRUN, '--cpus-per-task=8']
   variables, argv = split_env(step[6:])
   # One task drives all 4 GPUs of its node (jax would show it only GPU SLURM_LOCALID).
   assert variables == {'XLA_FLAGS': LHS, 'JAX_LOCAL_DEVICE_IDS': '0,1,2,3'}
@@ -261,10 +251,7 @@ def test_slurm_dry_run_outside_slurm_uses_the_header(launcher):
   assert result.returncode == 0, result.stderr
   printed = commands(result.stdout)
   assert printed[0] == ('first node', ['python3', '-m', 'pip', 'install', '-e', f'{REPO}[cuda13]'])
-  assert (
-    printed[1][1][:5]
-    == 'srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1'.split()
-  )
+  assert printed[1][1][:5] == SRUN
   assert 'JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7' in printed[1][1]
   assert [host for host, _ in printed[2:]] == ['node 0', 'node 1']
 
@@ -280,23 +267,14 @@ def test_slurm_real_run_executes_what_the_dry_run_printed(launcher):
 # Cloud TPU VM and pod slices.
 
 
-POD = {
-  'TPU': 'my-pod',
-  'ZONE': 'us-central2-b',
-  'PROJECT': 'my-project',
-  'WORKDIR': 'gs://bucket/runs/lol',
-  'DATA_DIR': 'gs://bucket/tfds',
-}
+POD = dict(TPU='my-pod', ZONE='us-central2-b', PROJECT='my-project')
+POD.update(WORKDIR='gs://bucket/runs/lol', DATA_DIR='gs://bucket/tfds')
 METADATA = (
   'http://metadata.google.internal/computeMetadata/v1/instance/attributes/worker-network-endpoints'
 )
 TPU_TRAIN = [
-  '.venv/bin/python',
-  '-m',
-  'mirnet_jax.main',
-  '--config=configs/lol.py',
-  '--workdir=gs://bucket/runs/lol',
-  '--config.data.data_dir=gs://bucket/tfds',
+  *'.venv/bin/python -m mirnet_jax.main --config=configs/lol.py'.split(),
+  *'--workdir=gs://bucket/runs/lol --config.data.data_dir=gs://bucket/tfds'.split(),
   *FLAGS,
 ]
 
@@ -415,6 +393,9 @@ def test_tpu_needs_a_git_checkout(tmp_path):
 # Errors: one line naming the variable, exit status 2, nothing run.
 
 
+TWO_NODES = {'WORKDIR': 'w', 'COORDINATOR': 'n:1', 'NUM_NODES': '2'}
+
+
 @pytest.mark.parametrize(
   'script, env, args, message',
   [
@@ -422,14 +403,9 @@ def test_tpu_needs_a_git_checkout(tmp_path):
     ('gpu.sh', {'WORKDIR': 'w', 'COORDINATOR': 'node0:1234'}, [], 'NUM_NODES is not set'),
     ('gpu.sh', {'WORKDIR': 'w', 'NUM_NODES': '2'}, [], 'COORDINATOR is not set'),
     ('gpu.sh', {'WORKDIR': 'w', 'COORDINATOR': 'node0', 'NUM_NODES': '2'}, [], 'HOST:PORT'),
-    ('gpu.sh', {'WORKDIR': 'w', 'COORDINATOR': 'n:1', 'NUM_NODES': 'two'}, [], 'NUM_NODES must'),
-    ('gpu.sh', {'WORKDIR': 'w', 'COORDINATOR': 'n:1', 'NUM_NODES': '2'}, [], 'NODE_RANK is not'),
-    (
-      'gpu.sh',
-      {'WORKDIR': 'w', 'COORDINATOR': 'n:1', 'NUM_NODES': '2', 'NODE_RANK': '2'},
-      [],
-      'NODE_RANK must be 0..1',
-    ),
+    ('gpu.sh', {**TWO_NODES, 'NUM_NODES': 'two'}, [], 'NUM_NODES must'),
+    ('gpu.sh', TWO_NODES, [], 'NODE_RANK is not'),
+    ('gpu.sh', {**TWO_NODES, 'NODE_RANK': '2'}, [], 'NODE_RANK must be 0..1'),
     ('gpu.sh', {'WORKDIR': 'w', 'CUDA': 'cuda11'}, [], 'CUDA must be cuda12 or cuda13'),
     ('gpu.sh', {'WORKDIR': 'w'}, ['--workdir=elsewhere'], 'pass CONFIG=... and WORKDIR=...'),
     ('gpu.sh', {'WORKDIR': 'w'}, ['--config', 'c.py'], 'pass CONFIG=... and WORKDIR=...'),
@@ -437,12 +413,7 @@ def test_tpu_needs_a_git_checkout(tmp_path):
     ('gpu.sh', {'WORKDIR': 'w', 'DRY_RUN': 'yes'}, [], 'DRY_RUN must be 0 or 1'),
     ('slurm.sbatch', {'WORKDIR': 'w'}, [], 'not inside a SLURM job'),
     ('slurm.sbatch', {'DRY_RUN': '1'}, [], 'WORKDIR is not set'),
-    (
-      'slurm.sbatch',
-      {**SLURM_JOB, 'SLURM_GPUS_ON_NODE': ''},
-      [],
-      'SLURM_GPUS_ON_NODE is not set',
-    ),
+    ('slurm.sbatch', {**SLURM_JOB, 'SLURM_GPUS_ON_NODE': ''}, [], 'SLURM_GPUS_ON_NODE is not'),
     ('slurm.sbatch', {**SLURM_JOB, 'SLURM_SUBMIT_DIR': '/'}, [], 'is not the mirnet-jax repo'),
     ('tpu_vm.sh', {**POD, 'TPU': ''}, [], 'TPU is not set'),
     ('tpu_vm.sh', {**POD, 'ZONE': ''}, [], 'ZONE is not set'),
