@@ -73,9 +73,17 @@ def _is_multiprocess() -> bool:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO chatter of orbax and grain (dozens of lines per checkpoint)."""
+  """Drops the INFO chatter of orbax and grain (dozens of lines per checkpoint).
 
-  _PATHS = (f'{os.sep}orbax{os.sep}', f'{os.sep}grain{os.sep}')
+  Also clu's local work-unit notes: ReportProgress (summaries.Progress) sets them at every log
+  step, and locally they are a second copy of the progress line.
+  """
+
+  _PATHS = (
+    f'{os.sep}orbax{os.sep}',
+    f'{os.sep}grain{os.sep}',
+    f'{os.sep}clu{os.sep}platform{os.sep}',
+  )
   # Checkpoints between validations carry no metric by design.
   _EXPECTED = 'Requested `tracked_metric`'
 
