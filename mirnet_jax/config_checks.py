@@ -185,9 +185,8 @@ def unchecked_keys(config: Mapping[str, Any]) -> list[str]:
   return [key for key, value in _leaves(config) if _is_numeric(value) and key not in RULES]
 
 
-def _model_errors(config: Mapping[str, Any]) -> Iterator[str]:
-  model = config['model']
-  dtype = model['dtype']
+def _dtype_errors(config: Mapping[str, Any]) -> Iterator[str]:
+  dtype = config['model']['dtype']
   if dtype == 'float16':
     yield (
       "config.model.dtype='float16': not supported (float16 needs loss scaling, which the "
@@ -195,6 +194,10 @@ def _model_errors(config: Mapping[str, Any]) -> Iterator[str]:
     )
   elif dtype not in SUPPORTED_DTYPES:
     yield f'config.model.dtype={dtype!r}: must be one of {", ".join(SUPPORTED_DTYPES)}'
+
+
+def _model_errors(config: Mapping[str, Any]) -> Iterator[str]:
+  model = config['model']
   if model['kernel_size'] % 2 == 0:
     yield f'config.model.kernel_size={model["kernel_size"]}: must be odd (same-size convolutions)'
   if model['reduction'] > model['num_features']:
@@ -230,6 +233,7 @@ def _predict_errors(config: Mapping[str, Any]) -> Iterator[str]:
 
 
 _CROSS_CHECKS: tuple[Callable[[Mapping[str, Any]], Iterator[str]], ...] = (
+  _dtype_errors,
   _model_errors,
   _optim_errors,
   _predict_errors,
@@ -251,8 +255,9 @@ def errors(config: Mapping[str, Any]) -> list[str]:
   for cross_check in _CROSS_CHECKS:
     try:
       found.extend(cross_check(config))
-    except KeyError:
-      # A config without that section (e.g. a reduced test config) has nothing to relate.
+    except (KeyError, AttributeError):
+      # A config without those keys (another architecture's model section, a reduced test
+      # config) has nothing to relate there.
       continue
   return found
 

@@ -150,3 +150,10 @@ def test_table_has_a_row_per_rule():
   assert (
     '| `train.eval_every_steps` | an integer >= 0 | validate only at the end | refused |' in rows
   )
+
+
+def test_another_model_section_still_gets_its_dtype_checked():
+  """A model section of another shape (no kernel_size, ...) skips the MIRNet size rules only."""
+  tree = _with(_load('demo.py'), 'model', {'arch': 'other', 'dtype': 'float16', 'num_features': 8})
+  found = config_checks.errors(tree)
+  assert len(found) == 1 and found[0].startswith("config.model.dtype='float16'"), found
