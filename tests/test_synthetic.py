@@ -218,20 +218,13 @@ def test_cli_outputs_get_the_umask_mode(tmp_path):
   """The documented command, in a subprocess under umask 022: files 0644, folders 0755."""
   photos = _photos(tmp_path, ('a.png',))
   out = tmp_path / 'pairs'
+  command = [sys.executable, '-m', 'mirnet_jax.data.synthetic', '--input', photos, '--output', out]
+  # The shell sets the umask: a preexec_fn would fork a process that runs JAX's threads.
   result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'mirnet_jax.data.synthetic',
-      '--input',
-      str(photos),
-      '--output',
-      str(out),
-    ],
+    ['sh', '-c', 'umask 022 && exec "$@"', 'sh', *map(str, command)],
     capture_output=True,
     text=True,
     timeout=120,
-    preexec_fn=lambda: os.umask(0o022),
   )
   assert result.returncode == 0, result.stderr
   modes = {os.fspath(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob('*')}
