@@ -114,7 +114,13 @@ def image_grids(examples: Sequence[tuple]) -> dict[str, np.ndarray]:
 
 
 def _report_progress(num_steps: int, writer: Any) -> Any:
-  """clu's ReportProgress, reporting its rate to ``writer``; None where clu needs a missing TF."""
+  """clu's ReportProgress, reporting its rate to ``writer``; None where clu needs a missing TF.
+
+  Also None on processes other than 0: importing clu.periodic_actions imports TensorFlow, which
+  they never load otherwise, and only process 0 reports (work-unit notes are per run).
+  """
+  if jax.process_index() != 0:
+    return None
   try:
     from clu import periodic_actions
   except ImportError:

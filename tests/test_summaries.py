@@ -54,6 +54,7 @@ def test_only_process_0_writes(tmp_path, monkeypatch):
   writer.write_hparams({'a': 1})
   writer.flush()
   writer.close()
+  assert summaries.Progress(10, 0, 8)._clu is None  # no clu, so no TensorFlow import, here
   history = summaries.History(tmp_path / 'history.jsonl')
   history.add(1, loss=0.5)
   history.close()
