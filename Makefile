@@ -1,4 +1,5 @@
 # make demo / make test / make lint / make bench. The first use creates .venv and installs.
+# `make test` runs the lint first: CI rejects what `make lint` rejects.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# ruff formats the Python code blocks of README.md too: they are part of the lint.
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -23,8 +25,7 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff format .
 
-test: venv
-	$(VENV)/bin/ruff check .
+test: lint
 	$(TEST_ENV) $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 demo: venv

@@ -6,8 +6,9 @@ printing the validation PSNR of the model and of the dark input itself (WORKDIR/
 
 Validation pairs come from held-out bands of the same six photographs the training pairs are
 cropped from (see mirnet_jax/data/synthetic.py), so the figure measures enhancement on unseen
-pixels of familiar scenes. On a 2-core CPU the run takes about 3 minutes, compile included, and
-ends about 8 dB above the dark input (tests/test_demo.py asserts at least 3 dB).
+pixels of familiar scenes. On an idle 2-core CPU the run takes about a minute (1 min 5 s
+measured with `time make demo`, compile included; 2 min 35 s on a machine loaded by other jobs)
+and ends about 8 dB above the dark input (tests/test_demo.py asserts at least 3 dB).
 """
 
 import importlib.util

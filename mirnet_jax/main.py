@@ -6,7 +6,8 @@ overridable as ``--config.optim.learning_rate=1e-4``.
 
 Errors caused by the input (a bad config key or value, a missing dataset or checkpoint, a model
 mismatch, a non-finite loss) print one line and exit with status 1; ``--traceback`` shows the
-traceback instead.
+traceback instead. Every config value is checked (mirnet_jax/config_checks.py) before anything
+is compiled, and ``~`` is expanded in every path flag and path key (``_PATH_KEYS``).
 """
 
 import logging as std_logging
@@ -26,6 +27,41 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'predict: replace existing ou
 _TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show tracebacks of input errors.')
 
 
+# Config keys holding paths (or a checkpoint name that may be a path): '~' is expanded in all.
+_PATH_KEYS = (
+  'data.data_dir',
+  'data.folder',
+  'data.validation_folder',
+  'train.init_from',
+  'eval.checkpoint',
+  'eval.output_dir',
+  'predict.checkpoint',
+)
+
+
+def _expand(path: str | None) -> str | None:
+  """``~/x`` -> ``/home/u/x``: the shell leaves ``~`` alone after ``--flag=``.
+
+  Remote paths (``gs://...``) and names like 'best' do not start with '~' and pass unchanged.
+  """
+  return os.path.expanduser(path) if path else path
+
+
+def _prepare_config(config):
+  """Expands '~' in the path keys and checks every value; returns the config."""
+  from mirnet_jax import config_checks
+
+  for key in _PATH_KEYS:
+    section, name = key.split('.')
+    if section in config and name in config[section]:
+      config[section][name] = _expand(config[section][name])
+  config_checks.check(config)
+  unchecked = config_checks.unchecked_keys(config)
+  if unchecked:
+    logging.warning('config keys without a range check: %s', ', '.join(unchecked))
+  return config
+
+
 def _is_multiprocess() -> bool:
   """Whether this process is one of several that form the run (jax.distributed needed)."""
   if os.environ.get('JAX_COORDINATOR_ADDRESS'):
@@ -37,9 +73,17 @@ def _is_multiprocess() -> bool:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO chatter of orbax and grain (dozens of lines per checkpoint)."""
+  """Drops the INFO chatter of orbax and grain (dozens of lines per checkpoint).
 
-  _PATHS = (f'{os.sep}orbax{os.sep}', f'{os.sep}grain{os.sep}')
+  Also clu's local work-unit notes: ReportProgress (summaries.Progress) sets them at every log
+  step, and locally they are a second copy of the progress line.
+  """
+
+  _PATHS = (
+    f'{os.sep}orbax{os.sep}',
+    f'{os.sep}grain{os.sep}',
+    f'{os.sep}clu{os.sep}platform{os.sep}',
+  )
   # Checkpoints between validations carry no metric by design.
   _EXPECTED = 'Requested `tracked_metric`'
 
@@ -55,11 +99,19 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 
   return (
     OSError,  # missing files and directories; also a config file that failed to load
-    ValueError,
+    ValueError,  # also config_checks.ConfigError
     KeyError,
     checkpoints.CheckpointNotFoundError,
     train.NonFiniteLossError,
   )
+
+
+def _report(e: BaseException) -> int:
+  """Prints an input error as one line on stderr; returns the exit status."""
+  message = e.args[0] if isinstance(e, KeyError) and e.args else e
+  message = ' '.join(str(message).split())  # one line, whatever the exception holds
+  print(f'error: {type(e).__name__}: {message}', file=sys.stderr)
+  return 1
 
 
 def _run(config, workdir: str) -> int:
@@ -77,7 +129,9 @@ def _run(config, workdir: str) -> int:
 
   if not _INPUT.value or not _OUTPUT.value:
     raise ValueError('--mode=predict needs --input and --output')
-  return predict.run(config, workdir, _INPUT.value, _OUTPUT.value, _OVERWRITE.value)
+  return predict.run(
+    config, workdir, _expand(_INPUT.value), _expand(_OUTPUT.value), _OVERWRITE.value
+  )
 
 
 def main(argv: list[str]) -> int:
@@ -88,6 +142,13 @@ def main(argv: list[str]) -> int:
   if _WORKDIR.value is None and _MODE.value != 'predict':
     raise app.UsageError('--workdir is required')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    # Before jax.distributed and any compile: every process refuses a bad value at once.
+    config = _prepare_config(_CONFIG.value)  # also raises what loading the config file raised
+  except (OSError, ValueError, KeyError) as e:
+    if _TRACEBACK.value:
+      raise
+    return _report(e)
   import jax
 
   if _is_multiprocess():
@@ -102,14 +163,11 @@ def main(argv: list[str]) -> int:
     'JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(), jax.devices()
   )
   try:
-    return _run(_CONFIG.value, _WORKDIR.value or '')
+    return _run(config, _expand(_WORKDIR.value) or '')
   except _input_errors() as e:
     if _TRACEBACK.value:
       raise
-    message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    message = ' '.join(str(message).split())  # one line, whatever the exception holds
-    print(f'error: {type(e).__name__}: {message}', file=sys.stderr)
-    return 1
+    return _report(e)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -132,8 +190,26 @@ def _parse_flags(argv: list[str]) -> list[str]:
   sys.exit(1)
 
 
+def _help_as_main_module() -> None:
+  """Makes ``--help`` of the console script show this module's flags and docstring.
+
+  absl's ``--help`` lists the flags of the ``__main__`` module, named by ``sys.argv[0]``, and
+  prints its docstring. Under ``python -m mirnet_jax.main`` that is this file; under the
+  ``mirnet-jax`` console script it is the generated wrapper, which defines no flag and has no
+  docstring, so only 'Try --helpfull' appeared.
+  """
+  if __name__ == '__main__':
+    return
+  for flag in FLAGS.get_key_flags_for_module(__name__):
+    FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  wrapper = sys.modules.get('__main__')
+  if wrapper is not None and not wrapper.__doc__:
+    wrapper.__doc__ = __doc__
+
+
 def run_main() -> None:
   """Console-script entry point (``mirnet-jax``)."""
+  _help_as_main_module()
   app.run(main, flags_parser=_parse_flags)
 
 

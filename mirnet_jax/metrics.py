@@ -115,7 +115,9 @@ def psnr(pred255: jax.Array, target255: jax.Array) -> jax.Array:
 
   Identical images (MSE 0) give +inf, as scikit-image does: a cap would be an arbitrary number
   that averages as if it were a measurement. Quantised images that differ in one value of one
-  pixel already have a finite PSNR, so inf means exactly equal.
+  pixel already have a finite PSNR, so inf means exactly equal. A non-finite MSE (NaN or Inf
+  anywhere in either image) gives NaN, never +inf: a broken output must not look perfect, and
+  NaN never wins a comparison (a best-checkpoint policy ranks it last).
 
   Args:
     pred255: [B, H, W, C] output on the 0-255 scale (any real dtype).
@@ -125,8 +127,11 @@ def psnr(pred255: jax.Array, target255: jax.Array) -> jax.Array:
     float32 [B], in dB.
   """
   err = mse(pred255, target255)
-  safe = jnp.where(err > 0, err, 1.0)
-  return jnp.where(err > 0, 10.0 * jnp.log10(PEAK**2 / safe), jnp.inf)
+  # `err > 0` alone is False for NaN, which would score a NaN image as +inf (identical).
+  measured = jnp.isfinite(err) & (err > 0)
+  safe = jnp.where(measured, err, 1.0)
+  value = jnp.where(err == 0, jnp.inf, jnp.nan)
+  return jnp.where(measured, 10.0 * jnp.log10(PEAK**2 / safe), value)
 
 
 def _gaussian_taps() -> np.ndarray:
@@ -243,19 +248,23 @@ def compute_metrics(
 
   Returns:
     {'psnr', 'ssim', 'mae', 'mse'} -> float32 [B] (0 where mask is False, so padding never
-    shows up as inf or nan), plus 'mask' -> bool [B]. Feed a list of these to `summarize`, or
-    the dict to `EvalMetrics.single_from_model_output(**out)`.
+    shows up as inf or nan; NaN for every key of an image whose raw output holds a NaN or Inf),
+    plus 'mask' -> bool [B]. Feed a list of these to `summarize`, or the dict to
+    `EvalMetrics.single_from_model_output(**out)`.
   """
   if mask is None:
     mask = jnp.ones(pred.shape[:1], bool)
   mask = jnp.asarray(mask, bool)
+  # Clamping would turn +Inf into a plausible 255 and hide a diverged model: such an image
+  # scores NaN on every key, so its dataset mean is NaN and it never ranks.
+  finite = jnp.all(jnp.isfinite(pred.reshape(pred.shape[0], -1)), axis=1)
   target255 = quantize(target)
   out = _metrics_255(quantize(pred), target255)
   if gt_mean:
     corrected = quantize(gt_mean_correct(pred, target))
     for key, value in _metrics_255(corrected, target255).items():
       out[key + GT_MEAN_SUFFIX] = value
-  out = {key: jnp.where(mask, value, 0.0) for key, value in out.items()}
+  out = {key: jnp.where(mask, jnp.where(finite, value, jnp.nan), 0.0) for key, value in out.items()}
   out['mask'] = mask
   return out
 
@@ -271,7 +280,9 @@ def summarize(per_image: Mapping[str, object] | Iterable[Mapping[str, object]]) 
       each must hold 'mask'.
 
   Returns:
-    {key: float mean over images with mask True, ..., 'count': int}.
+    {key: float mean over images with mask True, ..., 'count': int}. One NaN image (a
+    non-finite output, see `compute_metrics`) makes its keys' means NaN: a broken model is
+    never averaged into a plausible figure.
 
   Raises:
     ValueError: if no image has mask True.

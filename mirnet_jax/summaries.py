@@ -1,15 +1,22 @@
 """What a training run reports: TensorBoard writer, console progress, history and curves.
 
+Only process 0 writes anything: `create_writer` gives other processes a silent writer, `History`
+and `plot_curves` do nothing there. Every path is an `etils.epath` path, so a `gs://` workdir
+holds the events, `history.jsonl` and `curves.png` like a local one.
+
 TensorFlow (clu's only TensorBoard backend) is imported lazily, here only, and kept off
-accelerators; without it the writer falls back to plain logging with one warning. Only
-process 0 writes anything.
+accelerators; without it the writer falls back to plain logging with one warning. clu 0.0.12's
+`clu.metric_writers` package imports TensorFlow in its `__init__` (for its SummaryWriter), and so
+does `clu.periodic_actions` through it: neither clu's `LoggingWriter` nor its `ReportProgress`
+can be imported where TensorFlow is missing (pyproject installs tensorflow-cpu on x86_64 only).
+So the two fallbacks below stay hand-made, and `Progress` uses `ReportProgress` when it imports.
 """
 
 import contextlib
 import datetime
+import io
 import json
 import os
-import pathlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,17 +24,30 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
+
+# A remote history (no appends on object stores) is rewritten at most this often, and at close.
+_REMOTE_HISTORY_SECS = 60.0
+
+
+def _is_remote(path: epath.Path) -> bool:
+  return '://' in os.fspath(path)
 
 
 class LoggingWriter:
-  """The clu ``MetricWriter`` methods the trainer uses, as log lines (no TensorFlow needed)."""
+  """The clu ``MetricWriter`` methods the trainer uses, as log lines, without TensorFlow.
+
+  Hand-made because clu's own LoggingWriter cannot be imported without TensorFlow (see the module
+  docstring). With ``enabled=False`` it is the silent writer of processes other than 0, which
+  therefore never import TensorFlow at all.
+  """
 
   def __init__(self, enabled: bool = True):
     self._enabled = enabled
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if self._enabled:
-      logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in scalars.items()))
+      logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in sorted(scalars.items())))
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     del step, images
@@ -43,10 +63,15 @@ class LoggingWriter:
     pass
 
 
-def create_writer(workdir: str | pathlib.Path) -> Any:
+def create_writer(workdir: str | os.PathLike[str]) -> Any:
   """A clu metric writer into ``workdir`` (TensorBoard + log lines) on process 0.
 
-  Other processes get a silent writer. Without TensorFlow, a ``LoggingWriter``.
+  Args:
+    workdir: the events' folder, local or remote (``gs://...``: TensorFlow writes it itself).
+
+  Returns:
+    clu's default writer on process 0; a silent ``LoggingWriter`` on other processes; a logging
+    one (with a warning) where TensorFlow is missing.
   """
   if jax.process_index() != 0:
     return LoggingWriter(enabled=False)
@@ -60,7 +85,7 @@ def create_writer(workdir: str | pathlib.Path) -> Any:
   except ImportError as e:
     logging.warning('No TensorBoard summaries (%s); logging scalars only', e)
     return LoggingWriter()
-  return metric_writers.create_default_writer(str(workdir), asynchronous=True)
+  return metric_writers.create_default_writer(os.fspath(epath.Path(workdir)), asynchronous=True)
 
 
 def flatten_config(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -88,33 +113,87 @@ def image_grids(examples: Sequence[tuple]) -> dict[str, np.ndarray]:
   return grids
 
 
+def _report_progress(num_steps: int, writer: Any) -> Any:
+  """clu's ReportProgress, reporting its rate to ``writer``; None where clu needs a missing TF.
+
+  Also None on processes other than 0: importing clu.periodic_actions imports TensorFlow, which
+  they never load otherwise, and only process 0 reports (work-unit notes are per run).
+  """
+  if jax.process_index() != 0:
+    return None
+  try:
+    from clu import periodic_actions
+  except ImportError:
+    return None
+  # every_secs=0: it reports whenever called with a later step (the trainer calls it at each
+  # log step); the caller's clock (t=) leaves validation time out of the rate.
+  return periodic_actions.ReportProgress(
+    num_train_steps=num_steps, writer=writer, every_steps=None, every_secs=0.0
+  )
+
+
 class Progress:
-  """Throughput and ETA over the steps since the last report, validation time excluded."""
+  """Steps/s, images/s and ETA over the steps since the last report, validation time excluded.
+
+  The rate comes from clu's ``periodic_actions.ReportProgress`` (which also sets the work-unit
+  notes where a platform shows them, with the share of time spent validating); where clu cannot
+  be imported (no TensorFlow) the same division is done here. The console line is ours:
+  ReportProgress reports neither the loss nor images/s.
+
+  Args:
+    num_steps: the run's last step.
+    step: the step the run starts (or resumes) from.
+    batch_size: global images per step.
+  """
 
   def __init__(self, num_steps: int, step: int, batch_size: int):
     self._num_steps = num_steps
     self._batch_size = batch_size
-    self._step = step
-    self._time = time.perf_counter()
+    self._paused_secs = 0.0
     self._rate = None
+    self._last = (step, self._clock())
+    self._clu = _report_progress(num_steps, self)
+    if self._clu is not None:
+      self._clu(step, t=self._last[1])  # its first call only starts its clock
+
+  def _clock(self) -> float:
+    """Seconds of training: monotonic time minus the time spent in ``paused`` blocks."""
+    return time.monotonic() - self._paused_secs
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    """ReportProgress's writer hook: receives its steps/s (and uptime) at each report."""
+    del step
+    if 'steps_per_sec' in scalars:
+      self._rate = float(scalars['steps_per_sec'])
 
   @contextlib.contextmanager
   def paused(self):
     """Time spent inside does not count as training time."""
-    start = time.perf_counter()
-    yield
-    self._time += time.perf_counter() - start
+    start = time.monotonic()
+    part = (
+      contextlib.nullcontext()
+      if self._clu is None
+      else self._clu.timed('validation', wait_jax_async_dispatch=False)
+    )
+    try:
+      with part:
+        yield
+    finally:
+      self._paused_secs += time.monotonic() - start
 
   def update(self, step: int) -> dict[str, float]:
-    now = time.perf_counter()
-    self._rate = (step - self._step) / max(now - self._time, 1e-9)
-    self._step, self._time = step, now
-    return {
-      'train/steps_per_sec': self._rate,
-      'train/images_per_sec': self._rate * self._batch_size,
-    }
+    """Reports ``step``; returns ``train/steps_per_sec`` and ``train/images_per_sec``."""
+    now = self._clock()
+    if self._clu is not None:
+      self._clu(step, t=now)
+    elif step != self._last[0]:
+      self._rate = (step - self._last[0]) / max(now - self._last[1], 1e-9)
+    self._last = (step, now)
+    rate = self._rate or 0.0
+    return {'train/steps_per_sec': rate, 'train/images_per_sec': rate * self._batch_size}
 
   def line(self, step: int, loss: float) -> str:
+    """``step 25/100  loss 0.12346  5 steps/s  40 images/s  ETA 0:00:15``."""
     rate = self._rate or 0.0
     eta = (self._num_steps - step) / rate if rate > 0 else 0.0
     return (
@@ -124,27 +203,50 @@ class Progress:
 
 
 class History:
-  """Per-step loss and validation PSNR appended to a JSON-lines file (process 0).
+  """Per-step loss and validation PSNR appended to a JSON-lines file (process 0 only).
 
   A resumed run truncates nothing: ``plot_curves`` keeps the last record of each step, so the
-  steps replayed after a crash overwrite the ones written before it.
+  steps replayed after a crash overwrite the ones written before it. Object stores (``gs://``)
+  have no appends: there the file is rewritten whole, at most every 60 s and at ``close``.
   """
 
-  def __init__(self, path: pathlib.Path):
-    self._file = open(path, 'a') if jax.process_index() == 0 else None  # noqa: SIM115
+  def __init__(self, path: str | os.PathLike[str]):
+    self._path = epath.Path(path)
+    self._file = None
+    self._lines: list[str] | None = None  # a remote file's whole content
+    if jax.process_index() != 0:
+      return
+    if _is_remote(self._path):
+      self._lines = self._path.read_text().splitlines(True) if self._path.exists() else []
+      self._written = time.monotonic()
+    else:
+      self._file = self._path.open('a')
 
   def add(self, step: int, **values: float) -> None:
+    line = json.dumps({'step': step, **values}) + '\n'
     if self._file is not None:
-      self._file.write(json.dumps({'step': step, **values}) + '\n')
+      self._file.write(line)
+    elif self._lines is not None:
+      self._lines.append(line)
+      if time.monotonic() - self._written > _REMOTE_HISTORY_SECS:
+        self._rewrite()
+
+  def _rewrite(self) -> None:
+    self._path.write_text(''.join(self._lines))
+    self._written = time.monotonic()
 
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
       self._file = None
+    if self._lines is not None:
+      self._rewrite()
+      self._lines = None
 
 
-def read_history(path: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_history(path: str | os.PathLike[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """``{'loss': (steps, values), 'psnr': (steps, values)}``; the last record of a step wins."""
+  path = epath.Path(path)
   series: dict[str, dict[int, float]] = {}
   if path.exists():
     for line in path.read_text().splitlines():
@@ -155,8 +257,10 @@ def read_history(path: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]
   return {k: (np.array(sorted(v)), np.array([v[s] for s in sorted(v)])) for k, v in series.items()}
 
 
-def plot_curves(history_path: pathlib.Path, png_path: pathlib.Path) -> None:
-  """Training loss and validation PSNR against steps, as a PNG (matplotlib, Agg)."""
+def plot_curves(history_path: str | os.PathLike[str], png_path: str | os.PathLike[str]) -> None:
+  """Training loss and validation PSNR against steps, as a PNG (matplotlib, Agg); process 0."""
+  if jax.process_index() != 0:
+    return
   import matplotlib  # lazily: only the end of a run needs it
 
   matplotlib.use('Agg')
@@ -176,5 +280,7 @@ def plot_curves(history_path: pathlib.Path, png_path: pathlib.Path) -> None:
     ax.grid(alpha=0.3)
   axes[0].set_yscale('log')
   fig.tight_layout()
-  fig.savefig(png_path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=100)
   plt.close(fig)
+  epath.Path(png_path).write_bytes(png.getvalue())  # through epath: gs:// workdirs too

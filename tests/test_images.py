@@ -235,6 +235,21 @@ def test_write_is_atomic(tmp_path, monkeypatch):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.png']
 
 
+@pytest.mark.parametrize('umask, mode', [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_images_get_the_umask_mode(tmp_path, umask, mode):
+  """mkstemp made every output 0600, unreadable by a web server or a colleague."""
+  previous = os.umask(umask)
+  try:
+    (tmp_path / 'y.txt').write_text('')
+    images.write_image(tmp_path / 'x.png', RGB)
+    images.write_image(tmp_path / 'x.png', RGB[::-1])  # replacing keeps the new file's mode too
+    images.write_image(tmp_path / 'z.jpg', RGB)
+  finally:
+    os.umask(previous)
+  modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+  assert modes == {'y.txt': mode, 'x.png': mode, 'z.jpg': mode}
+
+
 def test_write_rejects_bad_input(tmp_path):
   with pytest.raises(images.ImageError, match=r'x.gif: cannot write suffix'):
     images.write_image(tmp_path / 'x.gif', RGB)

@@ -82,6 +82,46 @@ def test_psnr_of_identical_images_is_inf_and_one_count_off_is_finite():
   np.testing.assert_allclose(psnr(pred, target), [10 * math.log10(65025 * 12)], atol=1e-5)
 
 
+def test_psnr_of_non_finite_images_is_nan_never_inf():
+  """`err > 0` is False for NaN: an all-NaN output once scored +inf, the best possible."""
+  pred, target = _pair_255()
+  nan_pred = np.full_like(pred, np.nan)
+  one_nan = pred.copy()
+  one_nan[0, 5, 5, 1] = np.nan
+  inf_pred = pred.copy()
+  inf_pred[0, 3, 3, 0] = np.inf
+  batch = np.concatenate([nan_pred, one_nan, inf_pred, -inf_pred, pred, target])
+  out = np.asarray(psnr(batch, np.concatenate([target] * 6)))
+  assert np.isnan(out[:4]).all(), out
+  # The finite images beside them keep their hand values.
+  np.testing.assert_allclose(out[4], PSNR_PAIR, atol=1e-5)
+  assert out[5] == np.inf
+  # A NaN target is as unmeasurable as a NaN output.
+  assert np.isnan(psnr(target, nan_pred)[0])
+
+
+def test_non_finite_outputs_score_nan_on_every_key_and_never_rank():
+  pred255, target255 = _pair_255()
+  pred, target = pred255 / 255.0, target255 / 255.0
+  broken = [np.full_like(pred, np.nan), pred.copy(), pred.copy()]
+  broken[1][0, 2, 2, 2] = np.inf  # clamping would have made this a plausible 255
+  broken[2][0, 4, 4, 0] = -np.inf
+  batch = np.concatenate([*broken, pred, pred])
+  mask = np.array([True, True, True, True, False])
+  out = compute_metrics(batch, np.concatenate([target] * 5), mask, gt_mean=True)
+  for key in ('psnr', 'ssim', 'mae', 'mse', 'psnr_gt_mean', 'mse_gt_mean'):
+    values = np.asarray(out[key])
+    assert np.isnan(values[:3]).all(), (key, values)
+    assert np.isfinite(values[3]) and values[4] == 0.0, (key, values)  # real image; padding
+  np.testing.assert_allclose(out['psnr'][3], PSNR_PAIR, atol=1e-5)
+  np.testing.assert_allclose(out['mse'][3], 20 / 363, rtol=1e-6)
+  summary = metrics.summarize(out)
+  assert np.isnan(summary['psnr']) and summary['count'] == 4
+  # Without the broken images the mean is the hand value.
+  good = metrics.summarize({k: np.asarray(v)[3:] for k, v in out.items()})
+  assert good['psnr'] == pytest.approx(PSNR_PAIR, abs=1e-5)
+
+
 def test_peak_value_bug_cannot_happen():
   """Published bug 1: PSNR with peak 255 on [0, 1] images adds 20 * log10(255) = 48.13 dB."""
   pred255, target255 = _pair_255()

@@ -1,11 +1,14 @@
 """Tests of the synthetic low-light pairs (mirnet_jax/data/synthetic.py)."""
 
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from mirnet_jax.data import images, synthetic
+from mirnet_jax.data import images, synthetic, synthetic_folder
 
 
 def _pairs(split='train', seed=0, n=8, size=64):
@@ -124,21 +127,23 @@ def test_synthesize_folder_and_cli(tmp_path):
   source = synthetic.create_synthetic_source('test', num_pairs=2, size=40, seed=0)
   images.write_image(photos / 'a.png', source[0]['high'])
   images.write_image(photos / 'b.jpg', source[1]['high'])
-  stems = synthetic.synthesize_folder(photos, tmp_path / 'out', seed=0)
+  stems = synthetic_folder.synthesize_folder(photos, tmp_path / 'out', seed=0)
   assert stems == ['a', 'b']
   for stem, original in (('a', photos / 'a.png'), ('b', photos / 'b.jpg')):
     low = images.read_image(tmp_path / 'out' / 'low' / f'{stem}.png')
     high = images.read_image(tmp_path / 'out' / 'high' / f'{stem}.png')
     np.testing.assert_array_equal(high, images.read_image(original))
     assert low.shape == high.shape and low.mean() < 0.5 * high.mean()
-  synthetic.main(['--input', str(photos), '--output', str(tmp_path / 'cli'), '--seed', '0'])
+  synthetic_folder.main(['--input', str(photos), '--output', str(tmp_path / 'cli'), '--seed', '0'])
   for sub in ('low', 'high'):
     for stem in stems:
       np.testing.assert_array_equal(
         images.read_image(tmp_path / 'cli' / sub / f'{stem}.png'),
         images.read_image(tmp_path / 'out' / sub / f'{stem}.png'),
       )
-  synthetic.main(['--input', str(photos), '--output', str(tmp_path / 'seed1'), '--seed', '1'])
+  synthetic_folder.main(
+    ['--input', str(photos), '--output', str(tmp_path / 'seed1'), '--seed', '1']
+  )
   assert not np.array_equal(
     images.read_image(tmp_path / 'seed1' / 'low' / 'a.png'),
     images.read_image(tmp_path / 'out' / 'low' / 'a.png'),
@@ -147,9 +152,86 @@ def test_synthesize_folder_and_cli(tmp_path):
 
 def test_synthesize_folder_errors(tmp_path):
   with pytest.raises(ValueError, match='no images'):
-    synthetic.synthesize_folder(tmp_path, tmp_path / 'out')
+    synthetic_folder.synthesize_folder(tmp_path, tmp_path / 'out')
   x = np.zeros((8, 8, 3), np.uint8)
   images.write_image(tmp_path / 'a.png', x)
   images.write_image(tmp_path / 'a.jpg', x)
   with pytest.raises(ValueError, match='a.jpg and a.png share a stem'):
-    synthetic.synthesize_folder(tmp_path, tmp_path / 'out')
+    synthetic_folder.synthesize_folder(tmp_path, tmp_path / 'out')
+
+
+def _photos(tmp_path, names=('a.png', 'b.png', 'c.png')) -> pathlib.Path:
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  source = synthetic.create_synthetic_source('test', num_pairs=len(names), size=24, seed=0)
+  for i, name in enumerate(names):
+    images.write_image(photos / name, source[i]['high'])
+  return photos
+
+
+def _tree(folder: pathlib.Path) -> dict[str, bytes]:
+  return {os.fspath(p.relative_to(folder)): p.read_bytes() for p in folder.rglob('*.png')}
+
+
+def test_cli_one_unreadable_photo_names_it_and_writes_nothing(tmp_path, capsys):
+  photos = _photos(tmp_path)
+  good = (photos / 'b.png').read_bytes()
+  (photos / 'b.png').write_bytes(good[: len(good) // 2])  # truncated: a.png is written before it
+  out = tmp_path / 'pairs'
+  assert synthetic_folder.main(['--input', str(photos), '--output', str(out)]) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f'error: {photos / "b.png"}: cannot decode image') and '\n' not in err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['photos']  # no pairs/, no hidden set
+  # An earlier complete set survives a failed --overwrite run untouched.
+  (photos / 'b.png').write_bytes(good)
+  assert synthetic_folder.main(['--input', str(photos), '--output', str(out)]) == 0
+  before = _tree(out)
+  assert sorted(before) == [f'{s}/{n}.png' for s in ('high', 'low') for n in 'abc']
+  (photos / 'c.png').write_bytes(b'not a png')
+  assert synthetic_folder.main(['--input', str(photos), '--output', str(out), '--overwrite']) == 1
+  assert 'c.png: not an image' in capsys.readouterr().err
+  assert _tree(out) == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['pairs', 'photos']
+
+
+def test_cli_never_overwrites_without_the_flag(tmp_path, capsys):
+  photos = _photos(tmp_path, ('a.png', 'b.png'))
+  out = tmp_path / 'pairs'
+  out.mkdir()  # an empty folder is fine
+  assert synthetic_folder.main(['--input', str(photos), '--output', str(out), '--seed', '0']) == 0
+  assert f'wrote 2 pairs to {out}/low and {out}/high' in capsys.readouterr().out
+  seed0 = _tree(out)
+  assert synthetic_folder.main(['--input', str(photos), '--output', str(out), '--seed', '1']) == 1
+  assert capsys.readouterr().err.strip() == (
+    f'error: {out}: exists and is not empty; pass --overwrite to replace it'
+  )
+  assert _tree(out) == seed0
+  argv = ['--input', str(photos), '--output', str(out), '--seed', '1', '--overwrite']
+  assert synthetic_folder.main(argv) == 0
+  seed1 = _tree(out)
+  assert sorted(seed1) == sorted(seed0) and seed1['low/a.png'] != seed0['low/a.png']
+  assert seed1['high/a.png'] == seed0['high/a.png']
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['pairs', 'photos']
+
+
+def test_cli_outputs_get_the_umask_mode(tmp_path):
+  """The documented command, in a subprocess under umask 022: files 0644, folders 0755."""
+  photos = _photos(tmp_path, ('a.png',))
+  out = tmp_path / 'pairs'
+  command = [sys.executable, '-m', 'mirnet_jax.data.synthetic', '--input', photos, '--output', out]
+  # The shell sets the umask: a preexec_fn would fork a process that runs JAX's threads.
+  result = subprocess.run(
+    ['sh', '-c', 'umask 022 && exec "$@"', 'sh', *map(str, command)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr
+  modes = {os.fspath(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob('*')}
+  assert modes == {
+    'low': 0o755,
+    'high': 0o755,
+    'low/a.png': 0o644,
+    'high/a.png': 0o644,
+  }
+  assert out.stat().st_mode & 0o777 == 0o755

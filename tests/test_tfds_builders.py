@@ -176,7 +176,27 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_cli_builds(tmp_path, capsys):
   assert build.main(['sice', f'--manual_dir={SICE_DUMMY}', f'--data_dir={tmp_path}']) == 0
-  assert 'sice: built in' in capsys.readouterr().out
+  assert f'sice: built in {tmp_path}/sice/1.0.0 (' in capsys.readouterr().out
+
+
+def test_cli_expands_tilde_and_prints_absolute_paths(tmp_path, capsys, monkeypatch):
+  """The README's `--data_dir=~/tensorflow_datasets`: the shell leaves that '~' alone.
+
+  It once built into a folder literally named '~' in the current directory.
+  """
+  home, cwd = tmp_path / 'home', tmp_path / 'cwd'
+  shutil.copytree(SICE_DUMMY, home / 'downloads' / 'sice')
+  cwd.mkdir()
+  monkeypatch.setenv('HOME', os.fspath(home))
+  monkeypatch.chdir(cwd)
+  assert build.main(['sice', '--manual_dir=~/downloads/sice', '--data_dir=~/tfds']) == 0
+  assert f'sice: built in {home}/tfds/sice/1.0.0 (' in capsys.readouterr().out
+  assert list(cwd.iterdir()) == []
+  # A relative data_dir is printed (and usable from anywhere) as an absolute path.
+  (cwd / 'manual').symlink_to(home / 'downloads' / 'sice')
+  assert build.main(['sice', '--manual_dir=manual', '--data_dir=rel']) == 0
+  assert f'sice: built in {cwd}/rel/sice/1.0.0 (' in capsys.readouterr().out
+  assert build.resolve('gs://bucket/tfds') == build.epath.Path('gs://bucket/tfds')
 
 
 def test_sice_pairs_darkest_exposure_with_label(tmp_path):

@@ -8,6 +8,10 @@ The `tfds build` command line needs TensorFlow and Apache Beam; this one calls
 `builder.download_and_prepare` directly. Bad input (a missing folder, missing, corrupt or
 mismatched images) ends with one error message naming every bad file, and exit status 1.
 
+Both folders may be local (`~` is expanded: the shell leaves it alone after `--data_dir=`;
+relative paths are made absolute) or remote (`gs://bucket/tfds`: any scheme `etils.epath`
+reads; TFDS writes a remote data_dir itself).
+
 The helpers below are used by `mirnet_jax.data.lol` and `mirnet_jax.data.sice`: locating the
 dataset inside a manual download (a folder or a zip archive), checking every image pair before
 anything is written, deterministic name-hash splits, and the bytes stored for each image.
@@ -27,14 +31,37 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from etils import epath
+
 from mirnet_jax.data import images
 
 if TYPE_CHECKING:
   import tensorflow_datasets as tfds
 
-# A file or folder, on disk or inside a zip archive: both offer name, iterdir, is_dir, is_file,
-# read_bytes and `/`, so the builders read either one the same way.
-Node = pathlib.Path | zipfile.Path
+# A file or folder, local, remote (gs://...) or inside a zip archive: all offer name, iterdir,
+# is_dir, is_file, read_bytes and `/`, so the builders read any of them the same way.
+Node = epath.Path | zipfile.Path
+
+
+def resolve(path: str | os.PathLike[str]) -> epath.Path:
+  """A user-given folder as an epath: '~' expanded and made absolute when local.
+
+  Remote paths (`gs://...`) are returned as they are: nothing to expand, no current directory.
+  """
+  text = os.fspath(path)
+  if '://' in text:
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def _open_zip(path: epath.Path) -> zipfile.ZipFile:
+  if '://' not in os.fspath(path):
+    return zipfile.ZipFile(os.fspath(path))
+  # A remote archive: zipfile seeks in the file object epath opens (gcsfs reads ranges).
+  archive = zipfile.ZipFile(path.open('rb'))
+  archive.filename = os.fspath(path)  # for describe()
+  return archive
+
 
 DATASETS = ('lol', 'sice')
 
@@ -59,18 +86,18 @@ def find_root(
     archives: zip file names the dataset may be left in (e.g. 'LOLdataset.zip').
 
   Returns:
-    The root, a `pathlib.Path` or a `zipfile.Path`.
+    The root, an `epath.Path` or a `zipfile.Path`.
 
   Raises:
     ValueError: no candidate holds the markers; the message says what was looked for.
   """
-  base = pathlib.Path(manual_dir)
+  base = epath.Path(manual_dir)
   candidates: list[Node] = [base] + [base / f for f in folders]
   for archive in archives:
     path = base / archive
     if path.is_file():
       try:
-        top = zipfile.Path(zipfile.ZipFile(path))
+        top = zipfile.Path(_open_zip(path))
       except (OSError, zipfile.BadZipFile) as e:
         raise ValueError(f'{path}: cannot open zip archive: {e}') from e
       candidates += [top] + [top / f for f in folders]
@@ -262,8 +289,10 @@ def build(name: str, manual_dir: str, data_dir: str | None = None) -> tfds.core.
 
   Args:
     name: 'lol' or 'sice'.
-    manual_dir: the folder holding the manual download (see the builder's README).
-    data_dir: where TFDS writes the dataset (default: TFDS's default data dir).
+    manual_dir: the folder holding the manual download (see the builder's README); local
+      ('~' expanded) or remote.
+    data_dir: where TFDS writes the dataset (default: TFDS's default data dir); local ('~'
+      expanded, made absolute) or remote (`gs://...`).
 
   Returns:
     The prepared `tfds.core.DatasetBuilder`.
@@ -280,10 +309,10 @@ def build(name: str, manual_dir: str, data_dir: str | None = None) -> tfds.core.
     from mirnet_jax.data.sice import sice_dataset_builder as module
   else:
     raise ValueError(f'unknown dataset {name!r}; expected one of {DATASETS}')
-  path = pathlib.Path(manual_dir).expanduser()
+  path = resolve(manual_dir)
   if not path.is_dir():
     raise ValueError(f'--manual_dir={manual_dir}: not a directory (pass the folder holding it)')
-  builder = module.Builder(data_dir=data_dir)
+  builder = module.Builder(data_dir=os.fspath(resolve(data_dir)) if data_dir else None)
   builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(path))
   )

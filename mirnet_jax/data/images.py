@@ -31,8 +31,12 @@ so a file means the same pixels everywhere. `read_image` returns uint8 [H, W, 3]
 also decodes every pixel without converting them; `list_images` lists a folder's images.
 
 `write_image` writes PNG or JPEG (by suffix) atomically: a temporary file in the target directory
-renamed over the target with `os.replace`, so a crash never leaves a half-written image.
-`encode_image` gives the same bytes in memory.
+renamed over the target with `os.replace`, so a crash never leaves a half-written image. The file
+gets the mode of any new file (0644 under umask 022), not mkstemp's private 0600, so a web
+server or a colleague can read the outputs. `encode_image` gives the same bytes in memory.
+
+Remote paths (`gs://...`, any `etils.epath` scheme) can be read, written and listed: a remote
+object appears only once its upload is complete, the atomicity a rename gives on disk.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ import dataclasses
 import io
 import os
 import pathlib
-import tempfile
+import secrets
 from collections.abc import Iterator
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
@@ -111,8 +116,17 @@ def _bits(img: Image.Image) -> int:
   return 8
 
 
+def is_remote(path: str | os.PathLike[str]) -> bool:
+  """Whether a path names a remote object (`gs://...`) rather than a local file."""
+  return '://' in os.fspath(path)
+
+
 def _open(source: Source) -> Image.Image:
-  return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+  if isinstance(source, bytes):
+    return Image.open(io.BytesIO(source))
+  if is_remote(source):
+    return Image.open(io.BytesIO(epath.Path(source).read_bytes()))
+  return Image.open(source)
 
 
 def _describe(source: Source, name: str | None) -> str:
@@ -306,12 +320,26 @@ def encode_image(array: np.ndarray, fmt: str = 'PNG', *, quality: int = 95) -> b
   return buf.getvalue()
 
 
+def _create_temporary(path: pathlib.Path) -> tuple[int, str]:
+  """A new hidden file beside ``path``, (fd, name); its mode is the umask's, unlike mkstemp's 0600.
+
+  `os.open` with 0666 lets the kernel apply the umask (and any default ACL); O_EXCL keeps it ours.
+  """
+  while True:
+    tmp = os.fspath(path.parent / f'.{path.name}.{secrets.token_hex(6)}.tmp')
+    try:
+      return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+    except FileExistsError:
+      continue
+
+
 def write_image(path: str | os.PathLike[str], array: np.ndarray, *, quality: int = 95) -> None:
   """Writes pixels to a PNG or JPEG file (by suffix), atomically.
 
   Args:
-    path: target file; its suffix (.png, .jpg, .jpeg, any case) picks the format. Its directory
-      must exist.
+    path: target file, local or remote (`gs://...`); its suffix (.png, .jpg, .jpeg, any case)
+      picks the format. A local file's directory must exist. The file's mode is that of any new
+      file under the umask (0644 under umask 022).
     array: uint8 [H, W, 3], or float [H, W, 3] clipped to [0, 1] and rounded to 8 bits.
     quality: JPEG quality, 1-95.
 
@@ -319,14 +347,21 @@ def write_image(path: str | os.PathLike[str], array: np.ndarray, *, quality: int
     ImageError: unknown suffix, bad array, or the file could not be written (no partial file is
       left behind).
   """
-  path = pathlib.Path(path)
+  remote = is_remote(path)
+  path = epath.Path(path) if remote else pathlib.Path(path)
   fmt = _WRITE_FORMATS.get(path.suffix.lower())
   if fmt is None:
     raise ImageError(f'{path}: cannot write suffix {path.suffix!r}; use one of {_WRITE_FORMATS}')
   data = encode_image(_as_uint8(array, path), fmt, quality=quality)
+  if remote:
+    try:
+      path.write_bytes(data)  # an object store publishes the object only once it is complete
+    except OSError as e:
+      raise ImageError(f'{path}: cannot write image: {e}') from e
+    return
   tmp = None
   try:
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    fd, tmp = _create_temporary(path)
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
       f.flush()
@@ -344,16 +379,16 @@ def list_images(directory: str | os.PathLike[str]) -> list[pathlib.Path]:
   """Lists the image files directly inside a directory, sorted by name.
 
   Args:
-    directory: the folder to list (not recursive).
+    directory: the folder to list (not recursive), local or remote.
 
   Returns:
     Paths whose suffix is one of `IMAGE_SUFFIXES` (any case), sorted by file name. Hidden files
-    (leading '.') are skipped.
+    (leading '.') are skipped. `pathlib.Path`s for a local folder, `epath.Path`s for a remote one.
 
   Raises:
     ImageError: the directory does not exist.
   """
-  directory = pathlib.Path(directory)
+  directory = epath.Path(directory) if is_remote(directory) else pathlib.Path(directory)
   if not directory.is_dir():
     raise ImageError(f'{directory}: no such directory')
   return sorted(

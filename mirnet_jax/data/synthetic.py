@@ -49,19 +49,20 @@ largest `size` is 150 (chelsea.png, 451x300, must hold three bands of at least `
 
 Users can make pairs from their own well-exposed photographs (full size, no crop):
 
-  python -m mirnet_jax.data.synthetic --input PHOTOS --output PAIRS --seed 0
+  python -m mirnet_jax.data.synthetic --input PHOTOS --output PAIRS --seed 0 [--overwrite]
 
-writes PAIRS/low/<stem>.png and PAIRS/high/<stem>.png, ready for `config.data.name='folder'`.
+writes PAIRS/low/<stem>.png and PAIRS/high/<stem>.png, ready for `config.data.name='folder'`
+(see synthetic_folder.py: the set appears whole or not at all; an existing PAIRS needs
+--overwrite).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import hashlib
 import os
 import pathlib
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -327,69 +328,8 @@ def create_synthetic_source(split: str, *, num_pairs: int, size: int, seed: int)
   )
 
 
-def _name_seed(name: str) -> int:
-  # From the file name, not the listing position: adding photos leaves the others unchanged.
-  return int.from_bytes(hashlib.sha256(name.encode('utf-8')).digest()[:8], 'big')
-
-
-def synthesize_folder(
-  input_dir: str | os.PathLike[str],
-  output_dir: str | os.PathLike[str],
-  *,
-  seed: int = 0,
-  model: LowLightModel | None = None,
-) -> list[str]:
-  """Writes low-light pairs made from a folder of well-exposed photographs.
-
-  Every image in `input_dir` (not recursive) gives `output_dir/low/<stem>.png` (darkened) and
-  `output_dir/high/<stem>.png` (the photograph as read, EXIF orientation applied), at full
-  size. Pair noise depends on (seed, file name) only.
-
-  Args:
-    input_dir: folder of well-exposed photographs.
-    output_dir: destination; 'low' and 'high' are created inside it.
-    seed: non-negative integer seed.
-    model: low-light parameter ranges (defaults: `LowLightModel()`).
-
-  Returns:
-    The stems written, sorted.
-
-  Raises:
-    ValueError: the folder holds no image, or two images share a stem.
-    images.ImageError: an image cannot be read or written (the message names it).
-  """
-  paths = images.list_images(input_dir)
-  if not paths:
-    raise ValueError(f'{input_dir}: no images (suffixes {images.IMAGE_SUFFIXES})')
-  stems: dict[str, pathlib.Path] = {}
-  for path in paths:
-    if path.stem in stems:
-      raise ValueError(f'{input_dir}: {stems[path.stem].name} and {path.name} share a stem')
-    stems[path.stem] = path
-  out = pathlib.Path(output_dir)
-  for sub in ('low', 'high'):
-    (out / sub).mkdir(parents=True, exist_ok=True)
-  for stem, path in sorted(stems.items()):
-    high = images.read_image(path)
-    low = darken(high, np.random.default_rng([seed, _name_seed(path.name)]), model)
-    images.write_image(out / 'low' / f'{stem}.png', low)
-    images.write_image(out / 'high' / f'{stem}.png', high)
-  return sorted(stems)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  """Command line: `python -m mirnet_jax.data.synthetic --input DIR --output DIR --seed 0`."""
-  parser = argparse.ArgumentParser(
-    prog='python -m mirnet_jax.data.synthetic',
-    description='Make low-light pairs (low/, high/) from well-exposed photographs.',
-  )
-  parser.add_argument('--input', required=True, help='folder of well-exposed photographs')
-  parser.add_argument('--output', required=True, help='destination of low/ and high/')
-  parser.add_argument('--seed', type=int, default=0, help='random seed (integer)')
-  args = parser.parse_args(argv)
-  stems = synthesize_folder(args.input, args.output, seed=args.seed)
-  print(f'wrote {len(stems)} pairs to {args.output}/low and {args.output}/high')
-
-
 if __name__ == '__main__':
-  main()
+  # The command line lives in synthetic_folder.py; this keeps the documented command working.
+  from mirnet_jax.data import synthetic_folder
+
+  sys.exit(synthetic_folder.main())

@@ -1,0 +1,159 @@
+"""The start-up config checks: a rule for every numeric key, and each rule does what it says."""
+
+import copy
+import importlib.util
+import math
+
+import pytest
+from tiny import REPO
+
+from mirnet_jax import config_checks
+from mirnet_jax.config_checks import REFUSED, RULES
+
+CONFIGS = [
+  ('lol.py', ''),
+  ('lol.py', 'seed'),
+  ('demo.py', ''),
+  ('sice.py', ''),
+  ('sice.py', 'seed'),
+]
+
+
+def _load(name: str, arg: str = ''):
+  spec = importlib.util.spec_from_file_location(f'config_{name[:-3]}', REPO / 'configs' / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _with(config, key: str, value) -> dict:
+  """A plain-dict copy of ``config`` with one key set (a dict takes values of any type)."""
+  tree = copy.deepcopy(config.to_dict())
+  *sections, name = key.split('.')
+  node = tree
+  for section in sections:
+    node = node[section]
+  node[name] = value
+  return tree
+
+
+@pytest.mark.parametrize('name, arg', CONFIGS)
+def test_every_numeric_key_has_a_rule_and_the_shipped_configs_pass(name, arg):
+  config = _load(name, arg)
+  missing = config_checks.unchecked_keys(config)
+  assert not missing, (
+    f'configs/{name}:{arg}: numeric keys without a rule in config_checks.RULES: {missing}. '
+    'Add one saying what 0 and negative values mean (or that they are refused).'
+  )
+  assert config_checks.errors(config) == []
+
+
+def test_every_rule_names_a_key_of_the_paper_config():
+  config = _load('lol.py')
+  keys = {key for key, _ in config_checks._leaves(config)}
+  assert sorted(set(RULES) - keys) == []
+
+
+def test_a_new_numeric_key_without_a_rule_is_reported():
+  tree = _with(_load('demo.py'), 'data.cache_size', 3)
+  tree['train']['stage_steps'] = (10, 20)
+  assert config_checks.unchecked_keys(tree) == ['data.cache_size', 'train.stage_steps']
+  # Strings and booleans need no numeric rule.
+  assert config_checks.unchecked_keys(_with(_load('demo.py'), 'data.cache', True)) == []
+
+
+def _zero_and_negatives(key: str):
+  """(value, expected to be accepted) for 0 and two negatives, from the rule's own texts."""
+  rule = RULES[key]
+  cast = rule.kind
+  yield cast(0), rule.zero != REFUSED
+  for negative in (-1, -7):
+    yield cast(negative), negative in rule.special
+
+
+@pytest.mark.parametrize('key', sorted(RULES))
+def test_zero_and_negative_values_do_what_the_table_says(key):
+  """0 and negatives are either accepted (with a meaning in the table) or refused by name."""
+  config = _load('demo.py')
+  for value, accepted in _zero_and_negatives(key):
+    found = config_checks.errors(_with(config, key, value))
+    if accepted:
+      assert found == [], (key, value)
+    else:
+      assert len(found) == 1 and found[0].startswith(f'config.{key}={value!r}: must be '), found
+  rule = RULES[key]
+  assert rule.negative == REFUSED or rule.special, key  # a negative meaning needs its value
+  if rule.kind is float:
+    for value in (math.nan, math.inf, -math.inf):
+      assert config_checks.errors(_with(config, key, value)), (key, value)
+  else:  # an integer key refuses a fraction and a bool
+    assert config_checks.errors(_with(config, key, 2.5)), key
+    assert config_checks.errors(_with(config, key, True)), key
+
+
+@pytest.mark.parametrize(
+  'key, value, needle',
+  [
+    ('train.log_every_steps', 0, 'config.train.log_every_steps=0: must be an integer >= 1'),
+    ('train.checkpoint_every_steps', 0, 'config.train.checkpoint_every_steps=0: must be'),
+    ('optim.beta2', 1.0, 'config.optim.beta2=1.0: must be a finite number in [0, 1)'),
+    ('data.validation_percent', 100.0, 'validation_percent=100.0: must be a finite number in'),
+    (
+      'predict.jpeg_quality',
+      101,
+      'config.predict.jpeg_quality=101: must be an integer in [1, 100]',
+    ),
+    ('eval.num_grids', -2, 'config.eval.num_grids=-2: must be an integer >= 0, or -1'),
+    ('model.dtype', 'float16', "config.model.dtype='float16': not supported (float16 needs loss"),
+    ('model.dtype', 'float64', "config.model.dtype='float64': must be one of float32, bfloat16"),
+    ('model.kernel_size', 4, 'config.model.kernel_size=4: must be odd'),
+    ('model.reduction', 32, 'config.model.reduction=32: must be <= config.model.num_features'),
+    ('data.crop_size', 31, 'config.data.crop_size=31: must be a multiple of 2'),
+    ('optim.end_learning_rate', 1e-3, 'config.optim.end_learning_rate=0.001: must be <='),
+    ('predict.tile_overlap', 1024, 'config.predict.tile_overlap=1024: must be smaller than'),
+  ],
+)
+def test_bad_values_are_named(key, value, needle):
+  with pytest.raises(config_checks.ConfigError) as e:
+    config_checks.check(_with(_load('demo.py'), key, value))
+  assert needle in str(e.value)
+
+
+def test_boundaries_that_are_allowed():
+  config = _load('demo.py')
+  for key, value in [
+    ('optim.beta1', 0.0),
+    ('optim.end_learning_rate', 5e-4),  # = learning_rate: a constant after warm-up
+    ('predict.tile_size', 0),  # never tile: the overlap is then unused
+    ('predict.jpeg_quality', 100),
+    ('data.crop_size', 2),
+    ('model.dtype', 'bfloat16'),
+  ]:
+    assert config_checks.errors(_with(config, key, value)) == [], (key, value)
+
+
+def test_every_bad_key_is_named_on_one_line():
+  tree = _with(_load('demo.py'), 'train.log_every_steps', 0)
+  tree['optim']['learning_rate'] = -1.0
+  with pytest.raises(config_checks.ConfigError) as e:
+    config_checks.check(tree)
+  message = str(e.value)
+  assert '\n' not in message
+  assert (
+    'config.train.log_every_steps=0' in message and 'config.optim.learning_rate=-1.0' in message
+  )
+
+
+def test_table_has_a_row_per_rule():
+  rows = config_checks.table().splitlines()[2:]
+  assert len(rows) == len(RULES)
+  assert (
+    '| `train.eval_every_steps` | an integer >= 0 | validate only at the end | refused |' in rows
+  )
+
+
+def test_another_model_section_still_gets_its_dtype_checked():
+  """A model section of another shape (no kernel_size, ...) skips the MIRNet size rules only."""
+  tree = _with(_load('demo.py'), 'model', {'arch': 'other', 'dtype': 'float16', 'num_features': 8})
+  found = config_checks.errors(tree)
+  assert len(found) == 1 and found[0].startswith("config.model.dtype='float16'"), found
