@@ -24,11 +24,17 @@ Dtype = Any
 # PyTorch's default Conv2d initialisation, U(+-1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5)).
 torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 PRELU_INIT = 0.25  # PyTorch's nn.PReLU() default slope
+LEAKY_SLOPE = 0.2  # negative slope of every LeakyReLU of MIRNet-v2
 
 
 def prelu(x: jax.Array, slope: jax.Array) -> jax.Array:
   """PReLU with one slope for all channels (PyTorch ``nn.PReLU()``)."""
   return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
+
+
+def leaky_relu(x: jax.Array) -> jax.Array:
+  """PyTorch ``nn.LeakyReLU(0.2)``, MIRNet-v2's only activation."""
+  return jnp.where(x >= 0, x, LEAKY_SLOPE * x)
 
 
 def matmul_channels(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -43,19 +49,28 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
 
 
 class Conv(nn.Module):
-  """k x k convolution, stride 1, zero padding k//2, no bias; kernel [k, k, in, out]."""
+  """k x k convolution, stride 1, zero padding k//2, no bias; kernel [k, k, in / groups, out].
+
+  With ``groups`` > 1 the channels split into that many independent convolutions (PyTorch
+  ``groups``; output channel o sees input group o // (out / groups)), as MIRNet-v2's RCBs use.
+  """
 
   features: int
   kernel_size: int = 3
+  groups: int = 1
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.kernel_size
-    kernel = self.param('kernel', torch_conv_init, (k, k, x.shape[-1], self.features))
+    k, g = self.kernel_size, self.groups
+    if x.shape[-1] % g or self.features % g:
+      raise ValueError(
+        f'Conv {self.name}: {x.shape[-1]} -> {self.features} channels do not split into {g} groups'
+      )
+    kernel = self.param('kernel', torch_conv_init, (k, k, x.shape[-1] // g, self.features))
     kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
-    if k == 1:
+    if k == 1 and g == 1:
       return matmul_channels(x, kernel[0, 0])
     pad = k // 2
     return jax.lax.conv_general_dilated(
@@ -64,6 +79,7 @@ class Conv(nn.Module):
       window_strides=(1, 1),
       padding=((pad, pad), (pad, pad)),
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=g,
     )
 
 
@@ -201,11 +217,14 @@ class DAU(nn.Module):
 class SKFF(nn.Module):
   """Selective kernel feature fusion (Sec. 3.1, Fig. 2) of ``len(inputs)`` same-shape maps.
 
-  U = sum of inputs -> GAP -> 1x1 conv to d = max(C / reduction, 4) -> PReLU -> one 1x1 conv
-  back to C per input -> softmax across the inputs, per channel -> weighted sum.
+  U = sum of inputs -> GAP -> 1x1 conv to d = max(C / reduction, 4) -> activation -> one 1x1
+  conv back to C per input -> softmax across the inputs, per channel -> weighted sum.
+  The activation is a learnable PReLU in MIRNet and a fixed LeakyReLU(0.2) in MIRNet-v2
+  (Zamir et al., TPAMI 2022), which therefore has no ``prelu`` parameter.
   """
 
   reduction: int = 8
+  activation: str = 'prelu'  # 'prelu' (MIRNet) | 'leaky_relu' (MIRNet-v2, slope 0.2)
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -213,7 +232,8 @@ class SKFF(nn.Module):
     c = inputs[0].shape[-1]
     d = max(int(c / self.reduction), 4)
     z = global_avg_pool(sum(inputs[1:], inputs[0]))
-    z = PReLU(name='prelu')(Conv(d, 1, dtype=self.dtype, name='conv_du')(z))
+    z = Conv(d, 1, dtype=self.dtype, name='conv_du')(z)
+    z = PReLU(name='prelu')(z) if self.activation == 'prelu' else leaky_relu(z)
     logits = jnp.stack(
       [Conv(c, 1, dtype=self.dtype, name=f'fc_{i}')(z) for i in range(len(inputs))], axis=0
     )
