@@ -50,6 +50,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.mixup = True  # MixUp (BasicSR mixing_augs.mixup)
   config.data.mixup_alpha = 1.2  # Beta(alpha, alpha) of the MixUp weight (mixup_beta)
   config.data.mixup_start_step = 0  # BasicSR mixes from the first iteration (steps)
+  # 'per_image' (MIRNet: a lambda per image, every batch) | 'batch_or_identity' (BasicSR's
+  # Mixing_Augment with use_identity: one lambda per batch, applied to half the batches).
+  config.data.mixup_mode = 'batch_or_identity'
 
   config.train.batch_size = 64  # global batch without stages (8 GPUs x 8 in the option file)
   config.train.num_epochs = 0.0  # the recipe counts iterations (0: use num_steps)
@@ -75,6 +78,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.optim.restart_eta_mins = (3e-4, 1e-6)  # minimum of each cycle (learning rate)
 
   config.loss.name = 'l1'  # pixel_opt: L1Loss, mean
+  config.loss.clamp_output = False  # BasicSR takes the loss on the raw output (MIRNet clamps)
 
   if arg == 'fixed':
     config.train.num_steps = 300_000  # iters: [300000]
