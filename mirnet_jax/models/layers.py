@@ -7,9 +7,6 @@ Parameters are float32; each module casts its inputs and kernels to the compute 
 Some blocks are written differently from a literal port, for speed on XLA (the results are
 the same to float32 rounding, see tests/test_layers.py):
 - 1x1 convolutions are 2-D matmuls: XLA:CPU runs them ~3x faster than a 1x1 `lax.conv`.
-- On CPU the gradient of a k x k convolution is taken as k*k shifted matmuls (``conv2d``):
-  XLA:CPU's convolution gradients run ~10x slower than the forward, the matmuls ~3x faster
-  than those. Other platforms keep the convolution's own gradient.
 - Grouped convolutions are one convolution per group: XLA:CPU's ``feature_group_count``
   path is ~3x slower forward and ~6x slower backward than separate convolutions.
 - Blur-pool is reflect padding plus shifted strided slices: the gradient of a depthwise conv
@@ -54,7 +51,8 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
 
 
-def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """k x k convolution (odd k), stride 1, zero padding k//2: [B, H, W, C] x [k, k, C, D]."""
   pad = kernel.shape[0] // 2
   return jax.lax.conv_general_dilated(
     x,
@@ -63,38 +61,6 @@ def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     padding=((pad, pad), (pad, pad)),
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
   )
-
-
-def _tap_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """The same convolution as a sum of k*k matmuls over shifted copies of the zero-padded
-  input: its gradients are plain matmuls and slices."""
-  k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
-  pad = k // 2
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  taps = [
-    matmul_channels(xp[:, i : i + h, j : j + w], kernel[i, j]) for i in range(k) for j in range(k)
-  ]
-  return sum(taps[1:], taps[0])
-
-
-@jax.custom_vjp
-def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """k x k convolution (odd k), stride 1, zero padding k//2: [B, H, W, C] x [k, k, C, D]."""
-  return _lax_conv(x, kernel)
-
-
-def _conv2d_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple]:
-  return _lax_conv(x, kernel), (x, kernel)
-
-
-def _conv2d_bwd(residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-  x, kernel = residuals
-  vjp_of = lambda f: lambda x, kernel, g: jax.vjp(f, x, kernel)[1](g)
-  # Chosen when lowering for the device, so one traced step serves CPU and accelerators.
-  return jax.lax.platform_dependent(x, kernel, g, cpu=vjp_of(_tap_conv), default=vjp_of(_lax_conv))
-
-
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 class Conv(nn.Module):
