@@ -33,6 +33,8 @@ JAX_HEARTBEAT_TIMEOUT_S = int(max(3 * PEER_TIMEOUT_S, 30))
 LOST_PEER_EXIT = 75  # EX_TEMPFAIL: rerun every process to resume
 _KEY = 'mirnet_jax/alive/{}'
 _DONE = 'mirnet_jax/done/{}'
+_FAILED = 'mirnet_jax/failed/{}'
+BARRIER_TIMEOUT_S = 1800  # processes may start minutes apart (imports, data, eager init)
 
 
 def is_multiprocess() -> bool:
@@ -78,6 +80,24 @@ def initialize() -> None:
   _watchdog.start()
 
 
+def barrier(name: str) -> None:
+  """Waits for every process at ``name`` (jax's coordination service, not a collective).
+
+  Before the first collective of a phase: gloo gives a communicator 30 s to form, and one
+  process can be further behind than that after a slow start (loading data, the eager
+  initialisation), which would fail the run.
+  """
+  if _watchdog is None:
+    return
+  _watchdog.barrier(name)
+
+
+def mark_failed() -> None:
+  """Tells the peers, at exit, that this process ended with an error (they stop too)."""
+  if _watchdog is not None:
+    _watchdog.failed = True
+
+
 def _exit_lost(message: str) -> None:
   # os._exit: a normal exit would wait in jax's shutdown barrier for the dead peer.
   print(f'error: {message}', file=sys.stderr, flush=True)
@@ -93,6 +113,14 @@ class PeerWatchdog:
     self._seen = {i: (None, time.monotonic()) for i in range(count) if i != index}
     self._stopping = False
     self._lock = threading.Lock()
+    self._barriers = 0
+    self.failed = False
+
+  def barrier(self, name: str) -> None:
+    self._barriers += 1
+    self._client.wait_at_barrier(
+      f'mirnet_jax/{name}/{self._barriers}', int(BARRIER_TIMEOUT_S * 1000)
+    )
 
   def start(self) -> None:
     atexit.register(self._at_exit)
@@ -100,10 +128,11 @@ class PeerWatchdog:
 
   def _at_exit(self) -> None:
     # Keep beating (peers wait for us in jax's shutdown barrier) but stop judging them, and
-    # tell them this process ended on purpose.
+    # tell them whether this process ended on purpose or with an error.
     self._stopping = True
+    key = _FAILED if self.failed else _DONE
     try:
-      self._client.key_value_set(_DONE.format(self._index), '1', allow_overwrite=True)
+      self._client.key_value_set(key.format(self._index), '1', allow_overwrite=True)
     except Exception:  # noqa: BLE001 - best effort at exit
       pass
 
@@ -115,11 +144,13 @@ class PeerWatchdog:
     now, stale = time.monotonic(), []
     with self._lock:
       for peer, (value, since) in self._seen.items():
-        try:
-          if self._client.key_value_try_get(_DONE.format(peer)):
-            continue
-        except Exception:  # noqa: BLE001 - not set: the peer has not finished
-          pass
+        if self._flag(_FAILED, peer) and not self._stopping:
+          _exit_lost(
+            f'process {peer} of {self._count} failed (its log has the error); process '
+            f'{self._index} stops too'
+          )
+        if self._flag(_DONE, peer):
+          continue
         try:
           current = self._client.key_value_try_get(_KEY.format(peer))
         except Exception as e:  # noqa: BLE001 - not set yet, or the store is gone
@@ -131,6 +162,14 @@ class PeerWatchdog:
         elif now - since > PEER_TIMEOUT_S:
           stale.append(peer)
     return stale
+
+  def _flag(self, key: str, peer: int) -> bool:
+    try:
+      return bool(self._client.key_value_try_get(key.format(peer)))
+    except Exception as e:  # noqa: BLE001 - not set; re-raised when the store is gone
+      if 'NOT_FOUND' in str(e) or 'not found' in str(e).lower():
+        return False
+      raise
 
   def describe(self, peers: list[int]) -> str:
     names = ', '.join(str(p) for p in peers)

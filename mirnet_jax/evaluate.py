@@ -37,7 +37,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from mirnet_jax import baselines, checkpoints, metrics, paths, sharding, summaries
+from mirnet_jax import baselines, checkpoints, distributed, metrics, paths, sharding, summaries
 from mirnet_jax.data import images, pipeline, sources
 from mirnet_jax.models import MIRNet, create_model, crop, pad_to_multiple
 
@@ -340,6 +340,7 @@ def write_evaluation(
   _refuse_nonempty(out_dir, overwrite)
   source = sources.create_source(config.data, ec.split)
   mesh = sharding.create_mesh()
+  distributed.barrier('eval')  # the processes loaded the weights at different speeds
   if ec.method == 'model':
     params = sharding.replicate(params, mesh)
   # Baselines run on the host: no reason to split their batches over devices.

@@ -156,6 +156,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Train
       checkpoint is kept).
     ModelMismatchError: the workdir's checkpoint or ``init_from`` has another architecture.
   """
+  try:
+    return _train_and_evaluate(config, workdir)
+  except jax.errors.JaxRuntimeError as e:
+    distributed.check_collective_error(e)  # a lost peer ends the process here, in one line
+    distributed.mark_failed()
+    raise
+  except BaseException:
+    distributed.mark_failed()  # the other processes stop too instead of waiting for this one
+    raise
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> TrainState:
   workdir_path = paths.as_path(workdir)
   is_main = jax.process_index() == 0
   if is_main:
@@ -262,9 +274,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Train
       if stop:
         logging.warning('SIGTERM: saved step %d in %s; exiting', step, manager.directory)
         break
-  except jax.errors.JaxRuntimeError as e:
-    distributed.check_collective_error(e)  # a lost peer ends the process here, in one line
-    raise
   finally:
     preemption.close()
     train_iter.close()  # stops grain's worker processes now, not at garbage collection

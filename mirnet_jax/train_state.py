@@ -17,7 +17,7 @@ from absl import logging
 from flax import traverse_util
 from flax.training import train_state
 
-from mirnet_jax import checkpoints, losses, sharding
+from mirnet_jax import checkpoints, distributed, losses, sharding
 from mirnet_jax.models import param_shapes
 
 TrainState = train_state.TrainState
@@ -119,6 +119,7 @@ def create_train_state(
   else:
     m = model.size_multiple
     params = model.init(rng, jnp.zeros((1, m, m, 3), jnp.float32))['params']
+  distributed.barrier('train_state')  # the slow eager init ends at different times
   repl = sharding.replicated(mesh)
   params = jax.device_put(params, repl)
   opt_state = jax.jit(tx.init, out_shardings=repl)(params)
