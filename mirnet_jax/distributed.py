@@ -92,6 +92,30 @@ def barrier(name: str) -> None:
   _watchdog.barrier(name)
 
 
+class SyncedJit:
+  """A jitted function that, on several processes, compiles ahead and then waits for the peers.
+
+  gloo gives each new communicator 30 s to form; a process that compiles a step more slowly
+  than its peers (a loaded host) would fail the first run of it. One process: the plain call.
+  """
+
+  def __init__(self, jitted: Any):
+    self._jitted = jitted
+    self._compiled: dict[Any, Any] = {}
+
+  def __call__(self, *args: Any) -> Any:
+    if _watchdog is None:
+      return self._jitted(*args)
+    import jax
+
+    leaves, tree = jax.tree.flatten(args)
+    key = (tree, tuple((x.shape, x.dtype, getattr(x, 'sharding', None)) for x in leaves))
+    if key not in self._compiled:
+      self._compiled[key] = self._jitted.lower(*args).compile()
+      barrier('compiled')
+    return self._compiled[key](*args)
+
+
 def mark_failed() -> None:
   """Tells the peers, at exit, that this process ended with an error (they stop too)."""
   if _watchdog is not None:

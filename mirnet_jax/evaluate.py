@@ -325,12 +325,15 @@ def write_evaluation(
   model_config, step = None, 0
   if ec.method == 'model':
     model_config, params, step = load_weights(ec.checkpoint, workdir)
-    eval_step = make_eval_step(create_model(model_config), gt_mean=ec.gt_mean)
+    eval_step = distributed.SyncedJit(
+      make_eval_step(create_model(model_config), gt_mean=ec.gt_mean)
+    )
     what = f'checkpoint {ec.checkpoint} (step {step})'
   else:
     kwargs = {'gamma': ec.gamma} if ec.method == 'gamma' else {}
     eval_step = make_baseline_step(baselines.get_baseline(ec.method, **kwargs), gt_mean=ec.gt_mean)
     params, what = None, f'baseline {ec.method}'
+  distributed.barrier('eval')  # before the first collective: loading took different times
   if ec.output_dir:
     out_dir = paths.as_path(ec.output_dir)
   elif workdir:
@@ -340,7 +343,6 @@ def write_evaluation(
   _refuse_nonempty(out_dir, overwrite)
   source = sources.create_source(config.data, ec.split)
   mesh = sharding.create_mesh()
-  distributed.barrier('eval')  # the processes loaded the weights at different speeds
   if ec.method == 'model':
     params = sharding.replicate(params, mesh)
   # Baselines run on the host: no reason to split their batches over devices.

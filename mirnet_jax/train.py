@@ -191,8 +191,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
   state = _resume(manager, state, train_iter, config)
   step = int(jax.device_get(state.step))
   saved = step if step > 0 else None  # the newest complete checkpoint
-  p_train_step = make_train_step(mesh, loss_fn)
-  eval_step = evaluate.make_eval_step(model)
+  p_train_step = distributed.SyncedJit(make_train_step(mesh, loss_fn))
+  eval_step = distributed.SyncedJit(evaluate.make_eval_step(model))
 
   # Only process 0 writes summaries, history and plots (the others get silent writers).
   writer = summaries.create_writer(workdir_path)
