@@ -28,8 +28,10 @@ from typing import Any
 from absl import logging
 
 # A peer silent this long is lost; well below jax's own heartbeat timeout, so ours speaks first.
-PEER_TIMEOUT_S = float(os.environ.get('MIRNET_PEER_TIMEOUT_S', '10'))
-JAX_HEARTBEAT_TIMEOUT_S = int(max(3 * PEER_TIMEOUT_S, 30))
+# jax's stays at its default: lowered, its heartbeat RPCs time out on a loaded host and abort
+# a healthy run.
+PEER_TIMEOUT_S = float(os.environ.get('MIRNET_PEER_TIMEOUT_S', '20'))
+JAX_HEARTBEAT_TIMEOUT_S = int(max(5 * PEER_TIMEOUT_S, 100))
 LOST_PEER_EXIT = 75  # EX_TEMPFAIL: rerun every process to resume
 _KEY = 'mirnet_jax/alive/{}'
 _DONE = 'mirnet_jax/done/{}'
