@@ -23,7 +23,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, sum
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'What to do.')
 _INPUT = flags.DEFINE_string('input', None, 'predict: an image, a folder or a glob.')
 _OUTPUT = flags.DEFINE_string('output', None, 'predict: output file or folder.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'predict: replace existing output files.')
+_OVERWRITE = flags.DEFINE_bool(
+  'overwrite', False, 'predict and eval: replace existing output files.'
+)
 _TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show tracebacks of input errors.')
 
 
@@ -60,16 +62,6 @@ def _prepare_config(config):
   if unchecked:
     logging.warning('config keys without a range check: %s', ', '.join(unchecked))
   return config
-
-
-def _is_multiprocess() -> bool:
-  """Whether this process is one of several that form the run (jax.distributed needed)."""
-  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    return True
-  if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
-    return True  # jax reads the SLURM_* variables itself
-  # A TPU pod slice: more than one worker host listed.
-  return len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -124,7 +116,7 @@ def _run(config, workdir: str) -> int:
   if mode == 'eval':
     from mirnet_jax import evaluate
 
-    return evaluate.run(config, workdir) or 0
+    return evaluate.run(config, workdir, overwrite=_OVERWRITE.value) or 0
   from mirnet_jax import predict
 
   if not _INPUT.value or not _OUTPUT.value:
@@ -151,14 +143,9 @@ def main(argv: list[str]) -> int:
     return _report(e)
   import jax
 
-  if _is_multiprocess():
-    # jax reads JAX_COORDINATOR_ADDRESS and cluster variables (SLURM, TPU) itself, but not these.
-    kwargs = {
-      arg: int(os.environ[env])
-      for arg, env in (('num_processes', 'JAX_NUM_PROCESSES'), ('process_id', 'JAX_PROCESS_ID'))
-      if os.environ.get(env)
-    }
-    jax.distributed.initialize(**kwargs)
+  from mirnet_jax import distributed
+
+  distributed.initialize()  # joins a multi-process run (and watches its peers) if any
   logging.info(
     'JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(), jax.devices()
   )
