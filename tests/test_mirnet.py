@@ -108,3 +108,10 @@ def test_pad_to_multiple_and_crop(hw):
     np.testing.assert_array_equal(padded[:, hw[0], : hw[1]], x[:, hw[0] - 2])
   jpadded, _ = pad_to_multiple(jnp.asarray(x), 8)
   np.testing.assert_array_equal(jpadded, padded)
+
+
+@pytest.mark.parametrize('dtype', ['float16', 'float64'])
+def test_create_model_refuses_unsupported_compute_dtypes(dtype):
+  # float16 gives finite losses with Inf gradients (no loss scaling): refused by name.
+  with pytest.raises(ValueError, match=f"config.model.dtype: unknown dtype '{dtype}'"):
+    create_model({'dtype': dtype, 'num_features': 8})

@@ -17,7 +17,9 @@ import numpy as np
 from mirnet_jax.models import layers, mirnet_v2
 
 Dtype = Any
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# float16 is left out on purpose: without loss scaling its gradients overflow to Inf while the
+# loss stays finite (issue 11); config_checks refuses it by name before anything runs.
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def stream_features(num_features: int, channel_factor: int, stream: int) -> int:
