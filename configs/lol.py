@@ -49,6 +49,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.mixup_start_step = 0  # first train step that applies MixUp (steps)
   config.data.num_workers = 2  # grain worker processes per host (0 = in-process)
   config.data.eval_batch_size = 4  # global images per eval batch (full resolution)
+  config.data.cache = False  # decode every record of each split once into host memory (bool)
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 16  # global images per step, split over all devices

@@ -18,6 +18,8 @@ Kinds, by `config.data.name`:
 * 'synthetic': `mirnet_jax.data.synthetic`; train, validation and test come from disjoint
   photographs and random streams.
 
+With `config.data.cache`, any kind is decoded once into memory (`cache.CachedSource`).
+
 `list_inputs` / `InputsSource` serve prediction: a file, a folder or a glob of low-light images
 only, as records `{'low': uint8[H, W, 3], 'name': str, 'path': str}`.
 
@@ -37,7 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mirnet_jax.data import images, synthetic
+from mirnet_jax.data import cache, images, synthetic
 
 SPLITS = ('train', 'validation', 'test')
 TFDS_NAMES = ('lol', 'sice')
@@ -275,12 +277,23 @@ def create_source(data_config: Any, split: str) -> Source:
   Args:
     data_config: `config.data` (keys: name, data_dir, folder, validation_folder,
       validation_percent, synthetic_pairs, synthetic_eval_pairs, synthetic_size,
-      synthetic_seed).
+      synthetic_seed, cache).
     split: 'train', 'validation' or 'test'.
 
   Returns:
-    A random-access source of `{'low', 'high', 'name'}` records in deterministic order.
+    A random-access source of `{'low', 'high', 'name'}` records in deterministic order; with
+    `cache`, a `cache.CachedSource` holding them all decoded in memory.
+
+  Raises:
+    cache.CacheTooLargeError: `cache` is set and the split would not fit in memory.
   """
+  source = _create_uncached_source(data_config, split)
+  if data_config.cache:
+    return cache.CachedSource(source, what=split)
+  return source
+
+
+def _create_uncached_source(data_config: Any, split: str) -> Source:
   if split not in SPLITS:
     raise ValueError(f'unknown split {split!r}; known: {SPLITS}')
   name = data_config.name
