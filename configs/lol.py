@@ -90,6 +90,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.predict.tile_size = 1024  # tile side for large images (pixels; 0 = never tile)
   config.predict.tile_overlap = 64  # overlap between tiles (pixels)
   config.predict.bucket = 128  # inputs padded up to multiples of this: fewer compiles (pixels)
+  config.predict.max_tile_megapixels = 0.6  # largest tile (megapixels; 0 = tile_size only)
   config.predict.format = 'png'  # 'png' | 'jpeg'
   config.predict.jpeg_quality = 95  # JPEG quality (1-100)
 

@@ -210,6 +210,7 @@ def bench_predict(config: Any) -> None:
     tile_size=cfg.tile_size,
     tile_overlap=cfg.tile_overlap,
     bucket=cfg.bucket,
+    max_tile_megapixels=cfg.max_tile_megapixels,
   )
   layout = enhancer.layout(h, w)
   start = time.perf_counter()

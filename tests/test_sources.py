@@ -213,6 +213,26 @@ def test_inputs_file_folder_glob(tmp_path):
     sources.InputsSource(tmp_path / 'empty')
 
 
+def test_globs_match_suffixes_in_any_case_and_know_their_root(tmp_path):
+  for rel in ('a/x.JPG', 'a/b/y.jpg', 'a/b/z.Jpeg', 'a/[k].jpg'):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    images.write_image(tmp_path / rel, np.zeros((4, 4, 3), np.uint8))
+  found = sources.list_inputs(str(tmp_path / 'a' / '**' / '*.jpg'))
+  assert sorted(str(p.relative_to(tmp_path)) for p in found) == [
+    'a/[k].jpg',
+    'a/b/y.jpg',
+    'a/x.JPG',
+  ]
+  found = sources.list_inputs(str(tmp_path / 'a' / '**' / '*.[jJ]*'))  # classes left alone
+  assert len(found) == 4
+  assert sources._any_case('*.jpg') == '*.[jJ][pP][gG]'
+  assert sources._any_case('[a-c]x?.png') == '[a-c][xX]?.[pP][nN][gG]'
+  assert sources.input_root(str(tmp_path / 'a' / '**' / '*.jpg')) == tmp_path / 'a'
+  assert sources.input_root(tmp_path / 'a') == tmp_path / 'a'
+  assert sources.input_root(tmp_path / 'a' / 'x.JPG') == tmp_path / 'a'
+  assert sources.input_root('*.png') == pathlib.Path('.')
+
+
 def test_tfds_lol_sorted_by_name(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   from mirnet_jax.data import lol

@@ -9,15 +9,15 @@ process_count` rows of every global batch):
   'name': str [B] (evaluation only)        record names; '' for padding rows
 
 Training (`create_train_iterator`): the records are shuffled, reshuffled every epoch (each
-epoch is a permutation seeded by (seed, epoch)) and repeated without end, epochs back to back (a
-batch may straddle two epochs; nothing is dropped). Each record gives one `crop_size` square window, the
-same for low and high, then one of the 8 dihedral transforms (4 rotations x optional flip),
-the same for both. Images smaller than the crop are reflect-padded at the bottom/right first,
-as the official MIRNet loader does. Optional MixUp (the official MIRNet recipe): from batch
-`mixup_start_step` on, row i becomes `lam_i * row_i + (1 - lam_i) * row_perm(i)` with
-`lam_i ~ Beta(alpha, alpha)` and `perm` a random permutation of the process's batch; the same
-`lam_i` and partner for low and high. Batch k of the iterator is train step k, so MixUp starts
-at the same step after a resume.
+epoch is a permutation seeded by (seed, epoch)) and repeated without end, epochs back to back
+(a batch may straddle two epochs; nothing is dropped). Each record gives one `crop_size` square
+window, the same for low and high, then one of the 8 dihedral transforms (4 rotations x
+optional flip), the same for both. Images smaller than the crop are reflect-padded at the
+bottom/right first, as the official MIRNet loader does. Optional MixUp (the official MIRNet
+recipe): from batch `mixup_start_step` on, row i becomes
+`lam_i * row_i + (1 - lam_i) * row_perm(i)` with `lam_i ~ Beta(alpha, alpha)` and `perm` a
+random permutation of the process's batch; the same `lam_i` and partner for low and high.
+Batch k of the iterator is train step k, so MixUp starts at the same step after a resume.
 
 Determinism and sharding: randomness comes from the seed and the position in the stream only
 (grain's `random_map` draws from (seed, index)), so batches do not depend on the number of
