@@ -18,7 +18,9 @@ Modes:
 * ``predict``: `predict.Enhancer` (the code path of ``--mode=predict``: tile layout, reflected
   context, blending, devices) on ``--batch`` random images of ``--size``, with random parameters;
   file decoding and encoding are left out. Lines: ``compile``, then ``summary`` with
-  ``megapixels_per_s``, the tile layout, the tiles each device computed and the peak RSS.
+  ``megapixels_per_s``, the tile layout, the tiles each device computed and the peak RSS; with
+  ``--reference=1024``, also one plain forward of a 1024x1024 image and predict's slowdown
+  against it (seconds per megapixel, predict over the plain forward).
 
 Peak RSS is that of this process (GiB, from ``getrusage``: host memory, which on CPU includes
 the device buffers).
@@ -52,6 +54,10 @@ _STEPS = flags.DEFINE_integer(
   'steps', 3, 'Timed steps after the compiling one; data: timed batches after the warm-up.'
 )
 
+_REFERENCE = flags.DEFINE_integer(
+  'reference', 0, 'predict: also time one forward of a REFERENCExREFERENCE image (0 = none).'
+)
+
 _DATA_WARMUP_BATCHES = 10  # batches before timing: threads and workers reach steady state
 
 
@@ -73,10 +79,19 @@ def _size() -> tuple[int, int]:
 
 
 def _random_params(model: Any, seed: int = 0) -> Any:
-  """Random parameters from the shapes alone (an eager init of MIRNet takes minutes on CPU)."""
+  """Random parameters from the shapes alone (an eager init of MIRNet takes minutes on CPU).
+
+  Kernels are scaled by 1/sqrt(fan-in), so activations stay finite and normal through the
+  network (infinities or subnormal floats could change the speed); the rest is zero.
+  """
   rng = np.random.default_rng(seed)
-  shapes = param_shapes(model)
-  return jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32), shapes)
+
+  def init(s: jax.ShapeDtypeStruct) -> np.ndarray:
+    if len(s.shape) < 2:
+      return np.zeros(s.shape, np.float32)
+    return (rng.normal(0, 1, s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
+
+  return jax.tree.map(init, param_shapes(model))
 
 
 def bench_model(config: Any, mode: str) -> None:
@@ -163,10 +178,11 @@ def bench_data(config: Any) -> None:
   try:
     for _ in range(_DATA_WARMUP_BATCHES):
       batch = next(iterator)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(_STEPS.value):
       batch = next(iterator)
     elapsed = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu_start  # all threads of this process, not its workers
   finally:
     iterator.close()
   rows = batch['low'].shape[0]
@@ -185,6 +201,10 @@ def bench_data(config: Any) -> None:
       'ready_s': round(ready_s, 3),
       'batches_per_s': round(_STEPS.value / elapsed, 3),
       'images_per_s': round(_STEPS.value * rows / elapsed, 1),
+      # Crops per CPU-second of this process: what the pipeline costs, whatever else runs on
+      # the machine (meaningful in-process, num_workers=0 or a cache).
+      'images_per_cpu_s': round(_STEPS.value * rows / max(cpu_s, 1e-9), 1),
+      'load_average_1min': round(os.getloadavg()[0], 2),
       'peak_rss_gib': round(_peak_rss_gib(), 3),
       'cpus': _cpu_count(),
     }
@@ -225,6 +245,10 @@ def bench_predict(config: Any) -> None:
     assert out.shape == photo.shape
   elapsed = time.perf_counter() - start
   megapixels = count * h * w / 1e6
+  peak_rss = _peak_rss_gib()  # before the reference forward, which may take more
+  reference = _reference_forward(model, enhancer.params, _REFERENCE.value)
+  if reference:
+    reference['predict_slowdown'] = round(reference['megapixels_per_s'] * elapsed / megapixels, 3)
   _emit(
     {
       'event': 'summary',
@@ -241,11 +265,29 @@ def bench_predict(config: Any) -> None:
       'compile_s': round(compile_s, 3),
       'seconds': round(elapsed, 3),
       'megapixels_per_s': round(megapixels / elapsed, 5),
-      'peak_rss_gib': round(_peak_rss_gib(), 3),
+      'peak_rss_gib': round(peak_rss, 3),
+      'reference_forward': reference,
       'devices': _devices(),
       'jax': jax.__version__,
     }
   )
+
+
+def _reference_forward(model: Any, params: Any, side: int) -> dict | None:
+  """One plain jitted forward of a side x side image: the speed predict is compared with."""
+  if not side:
+    return None
+  x = np.random.default_rng(1).random((1, side, side, 3), np.float32) * 0.3
+  fn = jax.jit(lambda p, x: model.apply({'params': p}, x))
+  compiled = fn.lower(params, x).compile()
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(params, x))
+  seconds = time.perf_counter() - start
+  return {
+    'size': side,
+    'seconds': round(seconds, 3),
+    'megapixels_per_s': round(side * side / 1e6 / seconds, 5),
+  }
 
 
 def main(argv: list[str]) -> None:

@@ -49,12 +49,12 @@ _WRITABLE = ('.png', '.jpg', '.jpeg')
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_forward(model: MIRNet, devices: tuple[jax.Device, ...]) -> tuple[Any, Any, set]:
+def _compiled_forward(model: MIRNet, devices: tuple[jax.Device, ...]) -> tuple[Any, Any, dict]:
   """One jitted forward per (model, devices), shared by every `Enhancer` of it (and every `run`).
 
   Batches of tiles are split over the devices along their first axis (one tile per device per
-  call) and the parameters are replicated, so each device computes its own tiles. XLA keeps one
-  executable per tile shape under it; the set records the shapes seen, to log compilations.
+  call) and the parameters are replicated, so each device computes its own tiles. The dict
+  holds one compiled executable per tile shape, filled by `Enhancer._executable`.
   """
   mesh = jax.sharding.Mesh(np.array(devices), ('data',))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -64,7 +64,7 @@ def _compiled_forward(model: MIRNet, devices: tuple[jax.Device, ...]) -> tuple[A
     return model.apply({'params': params}, x).astype(jnp.float32)
 
   fn = jax.jit(forward, in_shardings=(replicated, split), out_shardings=split)
-  return fn, (replicated, split), set()
+  return fn, (replicated, split), {}
 
 
 @dataclasses.dataclass
@@ -130,7 +130,9 @@ class Enhancer:
     self.tile_overlap = tile_overlap
     self.bucket = bucket
     self.devices = tuple(devices or jax.devices())
-    self._forward, (replicated, self._split), self._shapes = _compiled_forward(model, self.devices)
+    self._forward, (replicated, self._split), self._executables = _compiled_forward(
+      model, self.devices
+    )
     self.params = jax.device_put(params, replicated)
     self._counts = [0] * len(self.devices)
 
@@ -150,22 +152,19 @@ class Enhancer:
     """How many tiles (model inputs) an image of this size takes."""
     return self.layout(height, width).num_tiles
 
-  def _batch_spec(self, tile_shape: tuple[int, int]) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((len(self.devices), *tile_shape, 3), jnp.float32)
-
   def compile(self, height: int, width: int) -> None:
     """Compiles now the tile shape of an image of this size (otherwise done at first use)."""
-    shape = self.layout(height, width).tile_shape
-    self._note_shape(shape)
-    self._forward.lower(self.params, self._batch_spec(shape)).compile()
+    self._executable(self.layout(height, width).tile_shape)
 
-  def _note_shape(self, shape: tuple[int, int]) -> None:
-    if shape not in self._shapes:
-      self._shapes.add(shape)
+  def _executable(self, shape: tuple[int, int]) -> Any:
+    if shape not in self._executables:
       logging.info(
         'Compiling the model for %dx%d tiles (%d per call, one per device)',
         shape[1], shape[0], len(self.devices),
       )  # fmt: skip
+      spec = jax.ShapeDtypeStruct((len(self.devices), *shape, 3), jnp.float32)
+      self._executables[shape] = self._forward.lower(self.params, spec).compile()
+    return self._executables[shape]
 
   def tiles_per_device(self) -> list[int]:
     """Tiles each device computed since the last `reset_counts` (padding excluded)."""
@@ -179,10 +178,10 @@ class Enhancer:
     jobs = [job for job, *_ in batch]
     tiles = [tile for *_, tile in batch]
     n = len(self.devices)
-    self._note_shape(tiles[0].shape[:2])
     x = np.stack(tiles + tiles[-1:] * (n - len(tiles))).astype(np.float32) / np.float32(255)
     try:
-      y = np.asarray(jax.device_get(self._forward(self.params, jax.device_put(x, self._split))))
+      forward = self._executable(tiles[0].shape[:2])
+      y = np.asarray(jax.device_get(forward(self.params, jax.device_put(x, self._split))))
     except jax.errors.JaxRuntimeError as e:  # e.g. out of memory: a smaller tile_size helps
       for job in jobs:
         job.error = job.error or e
