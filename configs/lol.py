@@ -15,6 +15,9 @@ LOL_TRAIN_IMAGES = 385  # pairs in the LoL train split (our485 minus 100 validat
 def model_config() -> ml_collections.ConfigDict:
   """The paper configuration of MIRNet (31,787,419 parameters)."""
   model = ml_collections.ConfigDict()
+  # 'mirnet' (this file, ECCV 2020) | 'mirnet_v2' (configs/lol_v2.py, TPAMI 2022); the other
+  # model keys are that architecture's. Configs and model.json files without it mean 'mirnet'.
+  model.arch = 'mirnet'
   model.num_features = 64  # channels of the full-resolution stream (C0)
   model.num_rrg = 3  # recursive residual groups
   model.num_mrb = 2  # multi-scale residual blocks per group

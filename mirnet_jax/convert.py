@@ -1,10 +1,13 @@
-"""Official PyTorch MIRNet weights (swz30/MIRNet) -> Flax parameters for ``mirnet_jax.models``.
+"""Official PyTorch weights -> Flax parameters for ``mirnet_jax.models``: MIRNet
+(swz30/MIRNet) and MIRNet-v2 (swz30/MIRNetv2).
 
     python -m mirnet_jax.convert --source model_best.pth --output DIR
+    python -m mirnet_jax.convert --source enhancement_lol.pth --output DIR
 
 ``--source`` is a PyTorch checkpoint (needs the ``convert`` extra, i.e. torch) or a ``.npz``
-of the ``state_dict``. The model's shape is read off the weights. ``DIR`` receives the
-parameters (orbax) and ``model.json``; ``--mode=eval``/``--mode=predict`` load it directly.
+of the ``state_dict``; local or ``gs://``. The architecture and its shape are read off the
+keys. ``DIR`` receives the parameters (orbax) and ``model.json`` (with ``arch``);
+``--mode=eval``/``--mode=predict`` load it directly.
 
 Every Flax parameter is filled from the official key(s) it stands for; where the official
 model shares a tensor under several keys (see mirnet_jax/models/mirnet.py), all of them
@@ -12,16 +15,18 @@ must hold the same values. The fixed blur-pool buffers (``*.filt``) are not para
 """
 
 import json
-import pathlib
 import re
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
+from flax import traverse_util
 
-from mirnet_jax.models import MIRNet, param_shapes
+from mirnet_jax.models import MIRNet, MIRNetV2, architecture, model_config, param_shapes
 from mirnet_jax.models.mirnet import stream_features
+from mirnet_jax.models.mirnet_v2 import RRG_GROUPS, stream_channels
 
 # How an official tensor becomes a Flax one: conv weights are [out, in, kh, kw] -> HWIO,
 # transposed-conv weights [in, out, kh, kw] -> [kh, kw, in, out], PReLU weights [1] -> ().
@@ -78,8 +83,10 @@ def _up_stage() -> list[tuple[str, str, str]]:
   ]
 
 
-def key_map(model: MIRNet) -> dict[str, tuple[list[str], str]]:
+def key_map(model: MIRNet | MIRNetV2) -> dict[str, tuple[list[str], str]]:
   """Flax parameter path ('a/b/kernel') -> (official keys holding it, kind of tensor)."""
+  if isinstance(model, MIRNetV2):
+    return _key_map_v2(model)
   out: dict[str, tuple[list[str], str]] = {}
 
   def add(path: str, keys: list[str], kind: str) -> None:
@@ -119,54 +126,82 @@ def key_map(model: MIRNet) -> dict[str, tuple[list[str], str]]:
   return out
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      flat.update(_flatten(v, f'{prefix}{k}/'))
-    else:
-      flat[f'{prefix}{k}'] = v
-  return flat
+def _key_map_v2(model: MIRNetV2) -> dict[str, tuple[list[str], str]]:
+  """``key_map`` of MIRNet-v2: every tensor has exactly one official key (the MRB's reuse of
+  its RCBs and SKFFs is one module in both codes)."""
+  out: dict[str, tuple[list[str], str]] = {
+    'conv_in/kernel': (['conv_in.weight'], 'conv'),
+    'conv_out/kernel': (['conv_out.weight'], 'conv'),
+  }
+  resamplers = [
+    ('down2/conv', 'down2.body.0.bot.1'),
+    ('down4_0/conv', 'down4.0.body.0.bot.1'),
+    ('down4_1/conv', 'down4.1.body.0.bot.1'),
+  ] + [(f'up{s}_{c}/conv', f'up{s}_{c}.body.0.bot.0') for s in (21, 32) for c in (1, 2)]
+  rcb = [
+    ('conv_0', 'body.0'),
+    ('conv_1', 'body.2'),
+    ('context/mask', 'gcnet.conv_mask'),
+    ('context/add_0', 'gcnet.channel_add_conv.0'),
+    ('context/add_1', 'gcnet.channel_add_conv.2'),
+  ]
+  for r in range(len(RRG_GROUPS)):
+    out[f'rrg_{r}/conv/kernel'] = ([f'body.{r}.body.{model.num_mrb}.weight'], 'conv')
+    for m in range(model.num_mrb):
+      fp, tp = f'rrg_{r}/mrb_{m}/', f'body.{r}.body.{m}.'
+      names = [('conv_out', 'conv_out')] + resamplers
+      names += [(f'rcb_{s}/{f}', f'dau_{s}.{t}') for s in ('top', 'mid', 'bot') for f, t in rcb]
+      for s in ('top', 'mid'):
+        names += [(f'skff_{s}/conv_du', f'skff_{s}.conv_du.0')]
+        names += [(f'skff_{s}/fc_{i}', f'skff_{s}.fcs.{i}') for i in range(2)]
+      for flax_name, torch_name in names:
+        out[f'{fp}{flax_name}/kernel'] = ([f'{tp}{torch_name}.weight'], 'conv')
+  return out
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, v in flat.items():
-    *parents, leaf = path.split('/')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
+def _unwrap(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+  """The state dict inside a checkpoint: BasicSR's ``{'params': ...}`` (MIRNet-v2 releases),
+  ``{'state_dict': ...}`` (MIRNet), or the state dict itself."""
+  for key in ('params', 'state_dict'):
+    if key in obj and isinstance(obj[key], Mapping):
+      return obj[key]
+  return obj
 
 
 def _strip(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Unwraps ``{'state_dict': ...}`` and DataParallel ``module.`` prefixes."""
-  if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], Mapping):
-    state_dict = state_dict['state_dict']
+  """Unwraps ``{'params': ...}``/``{'state_dict': ...}`` and DataParallel ``module.`` prefixes."""
+  state_dict = _unwrap(state_dict)
   return {
     (k[len('module.') :] if k.startswith('module.') else k): np.asarray(v, np.float32)
     for k, v in state_dict.items()
   }
 
 
-def params_from_torch(state_dict: Mapping[str, Any], model: MIRNet) -> dict[str, Any]:
-  """Converts an official MIRNet ``state_dict`` (official key -> array) to Flax params.
+def params_from_torch(state_dict: Mapping[str, Any], model: MIRNet | MIRNetV2) -> dict[str, Any]:
+  """Converts an official MIRNet or MIRNet-v2 ``state_dict`` (official key -> array) to Flax
+  params.
 
   Args:
     state_dict: official key -> numpy array (or anything ``np.asarray`` takes), possibly
-      with ``module.`` prefixes or wrapped as ``{'state_dict': ...}``.
-    model: the MIRNet whose parameters to fill (only its structure is used).
+      with ``module.`` prefixes or wrapped as ``{'state_dict': ...}`` or ``{'params': ...}``.
+    model: the MIRNet or MIRNetV2 whose parameters to fill (only its structure is used).
 
   Returns:
     The parameter pytree that goes under ``'params'``.
 
   Raises:
     ConversionError: listing every missing key, unexpected key, shape mismatch and
-      inconsistent shared tensor at once.
+      inconsistent shared tensor at once; or naming both architectures when the file is of
+      the other one.
   """
   sd = _strip(state_dict)
-  targets = _flatten(param_shapes(model))
+  found, wanted = detect_architecture(sd), architecture(model)
+  if found is not None and found != wanted:
+    raise ConversionError(
+      f'the state_dict is an official {_NAMES[found]} one (arch {found!r}) but the model is '
+      f'{model_summary(model)} (arch {wanted!r}); convert it with config.model.arch={found!r}'
+    )
+  targets = traverse_util.flatten_dict(param_shapes(model), sep='/')
   mapping = key_map(model)
   problems: list[str] = []
   if set(mapping) != set(targets):  # a bug in key_map, not in the user's file
@@ -198,27 +233,57 @@ def params_from_torch(state_dict: Mapping[str, Any], model: MIRNet) -> dict[str,
       f'state_dict does not fit {model_summary(model)}: {len(problems)} problem(s):\n  '
       + '\n  '.join(problems)
     )
-  return _unflatten(params)
+  return traverse_util.unflatten_dict(params, sep='/')
 
 
-def model_summary(model: MIRNet) -> str:
-  return (
-    f'MIRNet(num_features={model.num_features}, num_rrg={model.num_rrg}, '
-    f'num_mrb={model.num_mrb}, height={model.height}, width={model.width})'
-  )
+_NAMES = {'mirnet': 'MIRNet', 'mirnet_v2': 'MIRNet-v2'}
+# Key patterns only one architecture has: MIRNet's DAU columns, MIRNet-v2's RCBs.
+_V1_MRB_KEY = re.compile(r'body\.(\d+)\.body\.(\d+)\.blocks\.(\d+)\.(\d+)\.')
+_V2_MRB_KEY = re.compile(r'body\.(\d+)\.body\.(\d+)\.dau_top\.')
 
 
-def infer_model_config(state_dict: Mapping[str, Any]) -> dict[str, int]:
-  """Reads num_features, num_rrg, num_mrb, height and width off official key names."""
+def detect_architecture(state_dict: Mapping[str, Any]) -> str | None:
+  """'mirnet' or 'mirnet_v2' from official key names (after unwrapping), None if neither."""
+  keys = [k.removeprefix('module.') for k in _unwrap(state_dict)]
+  if any(_V2_MRB_KEY.match(k) for k in keys):
+    return 'mirnet_v2'
+  if any(_V1_MRB_KEY.match(k) for k in keys):
+    return 'mirnet'
+  return None
+
+
+def model_summary(model: MIRNet | MIRNetV2) -> str:
+  fields = {k: v for k, v in model_config(model).items() if k not in ('arch', 'dtype')}
+  return f'{type(model).__name__}({", ".join(f"{k}={v}" for k, v in fields.items())})'
+
+
+def infer_model_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """Reads the architecture and its shape off official key names (and conv_in's shape).
+
+  Returns ``config.model`` fields with ``arch``: for MIRNet num_features, num_rrg, num_mrb,
+  height and width; for MIRNet-v2 num_features, num_mrb and channel_factor.
+  """
   sd = _strip(state_dict)
-  if 'conv_in.weight' not in sd:
-    raise ConversionError('not an official MIRNet state_dict: no key conv_in.weight')
-  found = [re.match(r'body\.(\d+)\.body\.(\d+)\.blocks\.(\d+)\.(\d+)\.', k) for k in sd]
-  idx = np.array([[int(g) for g in m.groups()] for m in found if m])
-  if not len(idx):
-    raise ConversionError('not an official MIRNet state_dict: no body.R.body.M.blocks.* keys')
+  arch = detect_architecture(sd)
+  if 'conv_in.weight' not in sd or arch is None:
+    raise ConversionError(
+      'not an official MIRNet or MIRNet-v2 state_dict: needs conv_in.weight and '
+      'body.R.body.M.blocks.* (MIRNet) or body.R.body.M.dau_top.* (MIRNet-v2) keys'
+    )
+  c0 = int(sd['conv_in.weight'].shape[0])
+  if arch == 'mirnet_v2':
+    found = [_V2_MRB_KEY.match(k) for k in sd]
+    num_mrb = max(int(m.group(2)) for m in found if m) + 1
+    mid = sd.get('body.0.body.0.dau_mid.body.0.weight')
+    # The published factor when it gives these channels, else the ratio of the streams.
+    factor = 1.5
+    if mid is not None and stream_channels(c0, factor)[1] != mid.shape[0]:
+      factor = float(mid.shape[0]) / c0
+    return dict(arch=arch, num_features=c0, channel_factor=factor, num_mrb=num_mrb)
+  idx = np.array([[int(g) for g in m.groups()] for m in map(_V1_MRB_KEY.match, sd) if m])
   return dict(
-    num_features=int(sd['conv_in.weight'].shape[0]),
+    arch=arch,
+    num_features=c0,
     num_rrg=int(idx[:, 0].max() + 1),
     num_mrb=int(idx[:, 1].max() + 1),
     height=int(idx[:, 2].max() + 1),
@@ -226,23 +291,28 @@ def infer_model_config(state_dict: Mapping[str, Any]) -> dict[str, int]:
   )
 
 
-def load_state_dict(source: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """Reads a ``.npz`` state_dict, or a PyTorch ``.pth``/``.pt`` (needs torch)."""
-  source = pathlib.Path(source)
+def load_state_dict(source: str | epath.PathLike) -> dict[str, np.ndarray]:
+  """Reads a ``.npz`` state_dict, or a PyTorch ``.pth``/``.pt`` (needs torch); local or gs://."""
+  source = epath.Path(source)
   if not source.is_file():
     raise FileNotFoundError(f'{source}: no such file')
   if source.suffix == '.npz':
-    with np.load(source) as f:
-      return {k: f[k] for k in f.files}
+    with source.open('rb') as f, np.load(f) as npz:
+      return {k: npz[k] for k in npz.files}
   try:
     import torch  # only this loader needs torch: pip install 'mirnet-jax[convert]'
   except ImportError as e:
     raise ImportError(
       f'{source}: reading PyTorch checkpoints needs torch; pip install "mirnet-jax[convert]"'
     ) from e
-  obj = torch.load(source, map_location='cpu', weights_only=True)
-  if 'state_dict' in obj and isinstance(obj['state_dict'], Mapping):
-    obj = obj['state_dict']
+  with source.open('rb') as f:
+    try:
+      obj = torch.load(f, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises assorted types for corrupt or foreign files
+      raise ValueError(f'{source}: not a readable PyTorch checkpoint ({e})') from e
+  if not isinstance(obj, Mapping):
+    raise ValueError(f'{source}: holds a {type(obj).__name__}, not a state_dict')
+  obj = _unwrap(obj)
   return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, 'detach')}
 
 
@@ -250,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
   import argparse
 
   from mirnet_jax import checkpoints
+  from mirnet_jax.models import create_model
 
   parser = argparse.ArgumentParser(
     prog='python -m mirnet_jax.convert', description=__doc__.split('\n\n')[0]
@@ -257,15 +328,19 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--source', required=True, help='official .pth/.pt or state_dict .npz')
   parser.add_argument('--output', required=True, help='directory to write (must not exist)')
   args = parser.parse_args(argv)
+  output = epath.Path(args.output)
   try:
+    if output.exists():  # before the (slow) conversion; export_params checks again
+      raise FileExistsError(f'{output}: already exists; choose a new --output directory')
     sd = load_state_dict(args.source)
-    model_config = infer_model_config(sd)
-    params = params_from_torch(sd, MIRNet(**model_config))
-    checkpoints.export_params(args.output, params, model_config)
+    model = create_model(infer_model_config(sd))
+    params = params_from_torch(sd, model)
+    fields = model_config(model)
+    checkpoints.export_params(output, params, fields)
   except (OSError, ImportError, ValueError) as e:
     print(f'convert: error: {e}', file=sys.stderr)
     return 1
-  print(f'convert: wrote {args.output} ({json.dumps(model_config)})')
+  print(f'convert: wrote {output} ({json.dumps(fields)})')
   return 0
 
 

@@ -5,9 +5,10 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from mirnet_jax import checkpoints, convert
-from mirnet_jax.models import MIRNet, count_params, param_shapes
+from mirnet_jax.models import MIRNet, count_params, create_model, param_shapes
 
 CASES = ['tiny', 'mesh', 'four_streams', 'lol_medium']
 
@@ -26,13 +27,14 @@ def test_fixture_outputs_match_official(fixtures_dir, name):
   c = config['constructor']
   model_config = convert.infer_model_config(state_dict)
   assert model_config == dict(
+    arch='mirnet',
     num_features=c['n_feat'],
     num_rrg=c['n_RRG'],
     num_mrb=c['n_MSRB'],
     height=c['height'],
     width=c['width'],
   )
-  model = MIRNet(**model_config)
+  model = create_model(model_config)
   params = convert.params_from_torch(state_dict, model)
   assert count_params(params) == config['unique_parameters']
   x = np.load(d / 'input.npy').transpose(0, 2, 3, 1)  # NCHW -> NHWC
@@ -50,7 +52,7 @@ def test_every_default_key_maps(fixtures_dir):
   shapes = default['state_dict_shapes']
   assert mapped == {k for k in shapes if not k.endswith('.filt')}
   # Shapes: every official tensor has the shape its Flax parameter implies.
-  flat = convert._flatten(param_shapes(model))
+  flat = traverse_util.flatten_dict(param_shapes(model), sep='/')
   for path, (keys, kind) in mapping.items():
     for k in keys:
       assert list(convert._TO_TORCH_SHAPE[kind](flat[path].shape)) == shapes[k], k
@@ -59,7 +61,7 @@ def test_every_default_key_maps(fixtures_dir):
 
 def test_prefixes_and_wrappers_are_accepted(fixtures_dir):
   _, sd, _ = _case(fixtures_dir, 'tiny')
-  model = MIRNet(**convert.infer_model_config(sd))
+  model = create_model(convert.infer_model_config(sd))
   plain = convert.params_from_torch(sd, model)
   wrapped = convert.params_from_torch(
     {'state_dict': {f'module.{k}': v for k, v in sd.items()}}, model
@@ -69,7 +71,7 @@ def test_prefixes_and_wrappers_are_accepted(fixtures_dir):
 
 def test_errors_name_every_problem(fixtures_dir):
   _, sd, _ = _case(fixtures_dir, 'tiny')
-  model = MIRNet(**convert.infer_model_config(sd))
+  model = create_model(convert.infer_model_config(sd))
   bad = dict(sd)
   del bad['conv_in.weight']
   bad['conv_out.weight'] = np.zeros((3, 8, 5, 5), np.float32)
@@ -88,7 +90,7 @@ def test_errors_name_every_problem(fixtures_dir):
 
 def test_inconsistent_network_wide_prelu_is_rejected(fixtures_dir):
   _, sd, _ = _case(fixtures_dir, 'mesh')
-  model = MIRNet(**convert.infer_model_config(sd))
+  model = create_model(convert.infer_model_config(sd))
   bad = dict(sd)
   key = 'body.1.body.1.blocks.1.2.body.1.weight'
   bad[key] = bad[key] * 2
@@ -101,8 +103,9 @@ def test_cli_writes_an_export_that_loads(fixtures_dir, tmp_path, capsys):
   out = tmp_path / 'tiny'
   assert convert.main(['--source', str(src), '--output', str(out)]) == 0
   model_config, params = checkpoints.load_export(out)
+  assert model_config['arch'] == 'mirnet'
   _, sd, d = _case(fixtures_dir, 'tiny')
-  model = MIRNet(**model_config)
+  model = create_model(model_config)
   x = np.load(d / 'input.npy').transpose(0, 2, 3, 1)
   got = np.asarray(model.apply({'params': params}, x))
   assert np.max(np.abs(got - np.load(d / 'output.npy').transpose(0, 2, 3, 1))) <= 1e-4

@@ -86,3 +86,34 @@ def test_prelu_is_pytorch_default():
   params = mod.init(jax.random.key(0), jnp.zeros(()))
   assert float(params['params']['slope']) == 0.25
   np.testing.assert_allclose(mod.apply(params, jnp.asarray([-2.0, 3.0])), [-0.5, 3.0])
+
+
+@pytest.mark.parametrize('k', [3, 5])
+def test_conv2d_gradient_equals_the_convolutions(k):
+  # On CPU the backward pass is the shifted-matmul form; it must be the convolution's own.
+  x, kernel, g = _x((2, 9, 7, 6)), _x((k, k, 6, 5), seed=1), _x((2, 9, 7, 5), seed=2)
+  want_y, want_vjp = jax.vjp(layers._lax_conv, x, kernel)
+  got_y, got_vjp = jax.vjp(layers.conv2d, x, kernel)
+  np.testing.assert_array_equal(got_y, want_y)
+  for got, want in zip(jax.jit(got_vjp)(g), want_vjp(g), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(layers._tap_conv(x, kernel), want_y, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv_equals_feature_group_count():
+  x = _x((2, 6, 8, 8))
+  conv = layers.Conv(12, 3, groups=4)
+  params = conv.init(jax.random.key(0), x)
+  kernel = params['params']['kernel']
+  assert kernel.shape == (3, 3, 2, 12)  # [k, k, in / groups, out], PyTorch's grouping
+  want = jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    (1, 1),
+    ((1, 1), (1, 1)),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=4,
+  )
+  np.testing.assert_allclose(conv.apply(params, x), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='do not split into 4 groups'):
+    layers.Conv(12, 3, groups=4).init(jax.random.key(0), _x((1, 4, 4, 6)))

@@ -1,11 +1,17 @@
-"""The paper's building blocks (Zamir et al., ECCV 2020, Sec. 3), NHWC, as the official code.
+"""The paper's building blocks (Zamir et al., ECCV 2020, Sec. 3), NHWC, as the official code;
+``Conv``, ``SKFF``, ``bilinear_up2`` and ``global_avg_pool`` also serve MIRNet-v2.
 
-Every convolution has no bias, as in the official implementation (swz30/MIRNet, `bias=False`).
+Every convolution has no bias, as in the official implementations (`bias=False`).
 Parameters are float32; each module casts its inputs and kernels to the compute ``dtype``.
 
-Three of the blocks are written differently from a literal port, for speed on XLA (the
-results are the same to float32 rounding, see tests/test_layers.py):
+Some blocks are written differently from a literal port, for speed on XLA (the results are
+the same to float32 rounding, see tests/test_layers.py):
 - 1x1 convolutions are 2-D matmuls: XLA:CPU runs them ~3x faster than a 1x1 `lax.conv`.
+- On CPU the gradient of a k x k convolution is taken as k*k shifted matmuls (``conv2d``):
+  XLA:CPU's convolution gradients run ~10x slower than the forward, the matmuls ~3x faster
+  than those. Other platforms keep the convolution's own gradient.
+- Grouped convolutions are one convolution per group: XLA:CPU's ``feature_group_count``
+  path is ~3x slower forward and ~6x slower backward than separate convolutions.
 - Blur-pool is reflect padding plus shifted strided slices: the gradient of a depthwise conv
   is ~5x slower than its forward on CPU.
 - The stride-2 transposed convolution is four matmuls, one per output phase, followed by
@@ -24,11 +30,17 @@ Dtype = Any
 # PyTorch's default Conv2d initialisation, U(+-1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5)).
 torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 PRELU_INIT = 0.25  # PyTorch's nn.PReLU() default slope
+LEAKY_SLOPE = 0.2  # negative slope of every LeakyReLU of MIRNet-v2
 
 
 def prelu(x: jax.Array, slope: jax.Array) -> jax.Array:
   """PReLU with one slope for all channels (PyTorch ``nn.PReLU()``)."""
   return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
+
+
+def leaky_relu(x: jax.Array) -> jax.Array:
+  """PyTorch ``nn.LeakyReLU(0.2)``, MIRNet-v2's only activation."""
+  return jnp.where(x >= 0, x, LEAKY_SLOPE * x)
 
 
 def matmul_channels(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -42,29 +54,80 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
 
 
+def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  pad = kernel.shape[0] // 2
+  return jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    window_strides=(1, 1),
+    padding=((pad, pad), (pad, pad)),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
+
+
+def _tap_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The same convolution as a sum of k*k matmuls over shifted copies of the zero-padded
+  input: its gradients are plain matmuls and slices."""
+  k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
+  pad = k // 2
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  taps = [
+    matmul_channels(xp[:, i : i + h, j : j + w], kernel[i, j]) for i in range(k) for j in range(k)
+  ]
+  return sum(taps[1:], taps[0])
+
+
+@jax.custom_vjp
+def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """k x k convolution (odd k), stride 1, zero padding k//2: [B, H, W, C] x [k, k, C, D]."""
+  return _lax_conv(x, kernel)
+
+
+def _conv2d_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple]:
+  return _lax_conv(x, kernel), (x, kernel)
+
+
+def _conv2d_bwd(residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  x, kernel = residuals
+  vjp_of = lambda f: lambda x, kernel, g: jax.vjp(f, x, kernel)[1](g)
+  # Chosen when lowering for the device, so one traced step serves CPU and accelerators.
+  return jax.lax.platform_dependent(x, kernel, g, cpu=vjp_of(_tap_conv), default=vjp_of(_lax_conv))
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
 class Conv(nn.Module):
-  """k x k convolution, stride 1, zero padding k//2, no bias; kernel [k, k, in, out]."""
+  """k x k convolution, stride 1, zero padding k//2, no bias; kernel [k, k, in / groups, out].
+
+  With ``groups`` > 1 the channels split into that many independent convolutions (PyTorch
+  ``groups``; output channel o sees input group o // (out / groups)), as MIRNet-v2's RCBs use.
+  """
 
   features: int
   kernel_size: int = 3
+  groups: int = 1
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.kernel_size
-    kernel = self.param('kernel', torch_conv_init, (k, k, x.shape[-1], self.features))
+    k, g = self.kernel_size, self.groups
+    if x.shape[-1] % g or self.features % g:
+      raise ValueError(
+        f'Conv {self.name}: {x.shape[-1]} -> {self.features} channels do not split into {g} groups'
+      )
+    kernel = self.param('kernel', torch_conv_init, (k, k, x.shape[-1] // g, self.features))
     kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
-    if k == 1:
+    if k == 1 and g == 1:
       return matmul_channels(x, kernel[0, 0])
-    pad = k // 2
-    return jax.lax.conv_general_dilated(
-      x,
-      kernel,
-      window_strides=(1, 1),
-      padding=((pad, pad), (pad, pad)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-    )
+    if g == 1:
+      return conv2d(x, kernel)
+    outs = [
+      conv2d(xg, kg)
+      for xg, kg in zip(jnp.split(x, g, axis=-1), jnp.split(kernel, g, axis=-1), strict=True)
+    ]
+    return jnp.concatenate(outs, axis=-1)
 
 
 class PReLU(nn.Module):
@@ -201,11 +264,14 @@ class DAU(nn.Module):
 class SKFF(nn.Module):
   """Selective kernel feature fusion (Sec. 3.1, Fig. 2) of ``len(inputs)`` same-shape maps.
 
-  U = sum of inputs -> GAP -> 1x1 conv to d = max(C / reduction, 4) -> PReLU -> one 1x1 conv
-  back to C per input -> softmax across the inputs, per channel -> weighted sum.
+  U = sum of inputs -> GAP -> 1x1 conv to d = max(C / reduction, 4) -> activation -> one 1x1
+  conv back to C per input -> softmax across the inputs, per channel -> weighted sum.
+  The activation is a learnable PReLU in MIRNet and a fixed LeakyReLU(0.2) in MIRNet-v2
+  (Zamir et al., TPAMI 2022), which therefore has no ``prelu`` parameter.
   """
 
   reduction: int = 8
+  activation: str = 'prelu'  # 'prelu' (MIRNet) | 'leaky_relu' (MIRNet-v2, slope 0.2)
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -213,7 +279,8 @@ class SKFF(nn.Module):
     c = inputs[0].shape[-1]
     d = max(int(c / self.reduction), 4)
     z = global_avg_pool(sum(inputs[1:], inputs[0]))
-    z = PReLU(name='prelu')(Conv(d, 1, dtype=self.dtype, name='conv_du')(z))
+    z = Conv(d, 1, dtype=self.dtype, name='conv_du')(z)
+    z = PReLU(name='prelu')(z) if self.activation == 'prelu' else leaky_relu(z)
     logits = jnp.stack(
       [Conv(c, 1, dtype=self.dtype, name=f'fc_{i}')(z) for i in range(len(inputs))], axis=0
     )

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mirnet_jax.models import layers
+from mirnet_jax.models import layers, mirnet_v2
 
 Dtype = Any
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -171,22 +171,62 @@ class MIRNet(nn.Module):
     return conv(3, 'conv_out')(y) + x.astype(self.dtype)
 
 
-def create_model(model_config: Any) -> MIRNet:
-  """Builds MIRNet from the ``config.model`` section (a mapping; dtype given by name)."""
+# config.model.arch -> the Linen class it builds. A config or model.json without ``arch``
+# predates MIRNet-v2 and means MIRNet, so old exports and checkpoints keep loading.
+ARCHITECTURES = {'mirnet': MIRNet, 'mirnet_v2': mirnet_v2.MIRNetV2}
+DEFAULT_ARCH = 'mirnet'
+Model = MIRNet | mirnet_v2.MIRNetV2
+
+
+def _fields(cls: type) -> set[str]:
+  return set(cls.__dataclass_fields__) - {'parent', 'name'}
+
+
+def create_model(model_config: Any) -> Model:
+  """Builds the network from the ``config.model`` section (a mapping; dtype given by name).
+
+  ``arch`` picks the architecture ('mirnet' when absent); the other keys are the
+  constructor's attributes of that architecture.
+  """
   fields = dict(model_config)
+  arch = fields.pop('arch', DEFAULT_ARCH)
+  if arch not in ARCHITECTURES:
+    raise ValueError(
+      f'config.model.arch: unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}'
+    )
+  cls = ARCHITECTURES[arch]
   dtype = fields.pop('dtype', 'float32')
   if isinstance(dtype, str):
     if dtype not in _DTYPES:
       raise ValueError(f'config.model.dtype: unknown dtype {dtype!r}; known: {sorted(_DTYPES)}')
     dtype = _DTYPES[dtype]
-  known = set(MIRNet.__dataclass_fields__) - {'parent', 'name'}
+  known = _fields(cls) - {'dtype'}
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise ValueError(f'config.model: unknown keys {unknown}; known: {sorted(known)}')
-  return MIRNet(dtype=dtype, **fields)
+    raise ValueError(
+      f'config.model: unknown keys {unknown} for config.model.arch={arch!r}; '
+      f'known: {sorted(known | {"arch", "dtype"})}'
+    )
+  model = cls(dtype=dtype, **fields)
+  if isinstance(model, mirnet_v2.MIRNetV2):
+    model.check_config()
+  return model
 
 
-def param_shapes(model: MIRNet, image_size: tuple[int, int] | None = None) -> Any:
+def architecture(model: Model) -> str:
+  """The ``config.model.arch`` name of a model."""
+  return next(name for name, cls in ARCHITECTURES.items() if type(model) is cls)
+
+
+def model_config(model: Model) -> dict[str, Any]:
+  """The complete ``config.model`` fields of ``model`` (``arch`` and dtype by name included):
+  what ``create_model`` rebuilds it from, and a canonical form for comparing configs."""
+  names = {v: k for k, v in _DTYPES.items()}
+  fields = {f: getattr(model, f) for f in sorted(_fields(type(model)) - {'dtype'})}
+  return {'arch': architecture(model), **fields, 'dtype': names[jnp.dtype(model.dtype).type]}
+
+
+def param_shapes(model: Model, image_size: tuple[int, int] | None = None) -> Any:
   """The parameter pytree as ShapeDtypeStructs, without running an initialisation."""
   m = model.size_multiple
   h, w = image_size or (m, m)
