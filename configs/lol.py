@@ -52,6 +52,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.mixup_start_step = 0  # first train step that applies MixUp (steps)
   config.data.num_workers = 2  # grain worker processes per host (0 = in-process)
   config.data.eval_batch_size = 4  # global images per eval batch (full resolution)
+  config.data.cache = False  # decode every record of each split once into host memory (bool)
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 16  # global images per step, split over all devices
@@ -92,6 +93,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.predict.tile_size = 1024  # tile side for large images (pixels; 0 = never tile)
   config.predict.tile_overlap = 64  # overlap between tiles (pixels)
   config.predict.bucket = 128  # inputs padded up to multiples of this: fewer compiles (pixels)
+  config.predict.max_tile_megapixels = 0.6  # largest tile (megapixels; 0 = tile_size only)
   config.predict.format = 'png'  # 'png' | 'jpeg'
   config.predict.jpeg_quality = 95  # JPEG quality (1-100)
 

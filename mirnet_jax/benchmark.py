@@ -1,32 +1,64 @@
-"""Throughput, compile time and memory of the train step or the forward pass; JSON lines.
+"""Throughput, compile time and memory of training, the forward pass, the input pipeline and
+predict; JSON lines.
 
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=train_step --batch=4 --size=128
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=forward --batch=1 --size=400,600
+  python -m mirnet_jax.benchmark --config=configs/lol.py --mode=data --steps=300 \\
+      --config.data.name=folder --config.data.folder=PAIRS --config.data.validation_percent=0
+  python -m mirnet_jax.benchmark --config=configs/lol.py --mode=predict --batch=1 --size=3000,4000
 
-Random inputs and a random initialisation (the timings do not depend on the values). Each line
-is one JSON object: ``compile`` (seconds to lower and compile), then one per timed step
-(``step_s``), then ``summary`` with the median step, images/s, peak RSS of this process (GiB,
-from ``getrusage``: host memory, which on CPU includes the device buffers) and the device.
+Modes:
+* ``train_step`` / ``forward``: random inputs and a random initialisation (the timings do not
+  depend on the values). Lines: ``compile`` (seconds to lower and compile), one ``step`` per timed
+  step (``step_s``), then ``summary`` with the median step, images/s, peak RSS and the device.
+* ``data``: the training input pipeline of the config (its source, ``config.data.cache``,
+  ``num_workers``, crops, MixUp, ``config.train.batch_size``) on this process, no model. Lines:
+  ``ready`` (seconds to open the source and fill the cache), then ``summary`` with
+  ``images_per_s`` (training crops per second over ``--steps`` batches after a warm-up).
+* ``predict``: `predict.Enhancer` (the code path of ``--mode=predict``: tile layout, reflected
+  context, blending, devices) on ``--batch`` random images of ``--size``, with random parameters;
+  file decoding and encoding are left out. Lines: ``compile``, then ``summary`` with
+  ``megapixels_per_s``, the tile layout, the tiles each device computed and the peak RSS; with
+  ``--reference=1024``, also one plain forward of a 1024x1024 image and predict's slowdown
+  against it (seconds per megapixel, predict over the plain forward).
+
+Peak RSS is that of this process (GiB, from ``getrusage``: host memory, which on CPU includes
+the device buffers).
 """
 
 import json
+import os
 import resource
-import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mirnet_jax import losses, sharding, train
-from mirnet_jax.models import count_params, create_model
+from mirnet_jax import losses, predict, sharding, train
+from mirnet_jax.data import pipeline, sources
+from mirnet_jax.models import count_params, create_model, param_shapes
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/lol.py', 'Config file.')
-_MODE = flags.DEFINE_enum('mode', 'train_step', ['train_step', 'forward'], 'What to time.')
-_BATCH = flags.DEFINE_integer('batch', 4, 'Global batch size (images).')
+_MODE = flags.DEFINE_enum(
+  'mode', 'train_step', ['train_step', 'forward', 'data', 'predict'], 'What to time.'
+)
+_BATCH = flags.DEFINE_integer(
+  'batch', 4, 'Global batch size (images); predict: number of images; data: unused '
+  '(config.train.batch_size).'
+)  # fmt: skip
 _SIZE = flags.DEFINE_string('size', '128', 'Image side, or HEIGHT,WIDTH (pixels).')
-_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps after the compiling one.')
+_STEPS = flags.DEFINE_integer(
+  'steps', 3, 'Timed steps after the compiling one; data: timed batches after the warm-up.'
+)
+
+_REFERENCE = flags.DEFINE_integer(
+  'reference', 0, 'predict: also time one forward of a REFERENCExREFERENCE image (0 = none).'
+)
+
+_DATA_WARMUP_BATCHES = 10  # batches before timing: threads and workers reach steady state
 
 
 def _emit(record: dict) -> None:
@@ -37,10 +69,34 @@ def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  config = _CONFIG.value
+def _devices() -> str:
+  return f'{jax.device_count()} x {jax.devices()[0].device_kind}'
+
+
+def _size() -> tuple[int, int]:
   h, w = (int(s) for s in (_SIZE.value.split(',') * 2)[:2])
+  return h, w
+
+
+def _random_params(model: Any, seed: int = 0) -> Any:
+  """Random parameters from the shapes alone (an eager init of MIRNet takes minutes on CPU).
+
+  Kernels are scaled by 1/sqrt(fan-in), so activations stay finite and normal through the
+  network (infinities or subnormal floats could change the speed); the rest is zero.
+  """
+  rng = np.random.default_rng(seed)
+
+  def init(s: jax.ShapeDtypeStruct) -> np.ndarray:
+    if len(s.shape) < 2:
+      return np.zeros(s.shape, np.float32)
+    return (rng.normal(0, 1, s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
+
+  return jax.tree.map(init, param_shapes(model))
+
+
+def bench_model(config: Any, mode: str) -> None:
+  """``train_step`` or ``forward``: compile time, step time, images/s, peak RSS."""
+  h, w = _size()
   batch = _BATCH.value
   mesh = sharding.create_mesh()
   model = create_model(config.model)
@@ -54,7 +110,7 @@ def main(argv: list[str]) -> None:
   state = train.create_train_state(
     config, model, train.create_optimizer(config.optim, schedule), mesh, jax.random.key(0)
   )
-  if _MODE.value == 'train_step':
+  if mode == 'train_step':
     fn = train.make_train_step(mesh, losses.create_loss(config.loss))
     args = (state, global_images)
   else:
@@ -69,14 +125,14 @@ def main(argv: list[str]) -> None:
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
-  _emit({'event': 'compile', 'mode': _MODE.value, 'compile_s': round(compile_s, 3)})
+  _emit({'event': 'compile', 'mode': mode, 'compile_s': round(compile_s, 3)})
   step_times = []
   for i in range(_STEPS.value + 1):
     start = time.perf_counter()
     out = compiled(*args)
     jax.block_until_ready(out)
     elapsed = time.perf_counter() - start
-    if _MODE.value == 'train_step':
+    if mode == 'train_step':
       args = (out[0], global_images)  # the state was donated
     if i > 0:  # the first call also allocates and warms caches
       step_times.append(elapsed)
@@ -85,7 +141,7 @@ def main(argv: list[str]) -> None:
   _emit(
     {
       'event': 'summary',
-      'mode': _MODE.value,
+      'mode': mode,
       'batch': batch,
       'height': h,
       'width': w,
@@ -96,11 +152,154 @@ def main(argv: list[str]) -> None:
       'steps_per_s': round(1 / median, 5),
       'images_per_s': round(batch / median, 4),
       'peak_rss_gib': round(_peak_rss_gib(), 3),
-      'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+      'devices': _devices(),
       'jax': jax.__version__,
     }
   )
-  sys.stdout.flush()
+
+
+def bench_data(config: Any) -> None:
+  """``data``: training crops per second of the config's input pipeline (no model)."""
+  d = config.data
+  start = time.perf_counter()
+  source = sources.create_source(d, 'train')  # fills config.data.cache, if set
+  iterator = pipeline.create_train_iterator(
+    source,
+    crop_size=d.crop_size,
+    global_batch_size=config.train.batch_size,
+    seed=config.seed,
+    mixup=d.mixup,
+    mixup_alpha=d.mixup_alpha,
+    mixup_start_step=d.mixup_start_step,
+    num_workers=d.num_workers,
+  )
+  ready_s = time.perf_counter() - start
+  _emit({'event': 'ready', 'mode': 'data', 'ready_s': round(ready_s, 3), 'records': len(source)})
+  try:
+    for _ in range(_DATA_WARMUP_BATCHES):
+      batch = next(iterator)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(_STEPS.value):
+      batch = next(iterator)
+    elapsed = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu_start  # all threads of this process, not its workers
+  finally:
+    iterator.close()
+  rows = batch['low'].shape[0]
+  _emit(
+    {
+      'event': 'summary',
+      'mode': 'data',
+      'source': d.name,
+      'records': len(source),
+      'cache': bool(d.cache),
+      'num_workers': d.num_workers,
+      'batch': rows,
+      'crop_size': d.crop_size,
+      'mixup': bool(d.mixup),
+      'batches': _STEPS.value,
+      'ready_s': round(ready_s, 3),
+      'batches_per_s': round(_STEPS.value / elapsed, 3),
+      'images_per_s': round(_STEPS.value * rows / elapsed, 1),
+      # Crops per CPU-second of this process: what the pipeline costs, whatever else runs on
+      # the machine (meaningful in-process, num_workers=0 or a cache).
+      'images_per_cpu_s': round(_STEPS.value * rows / max(cpu_s, 1e-9), 1),
+      'load_average_1min': round(os.getloadavg()[0], 2),
+      'peak_rss_gib': round(_peak_rss_gib(), 3),
+      'cpus': _cpu_count(),
+    }
+  )
+
+
+def _cpu_count() -> int:
+  try:
+    return len(os.sched_getaffinity(0))  # the cores this process may use, not the host's
+  except (AttributeError, OSError):
+    return os.cpu_count() or 0
+
+
+def bench_predict(config: Any) -> None:
+  """``predict``: megapixels per second and peak RSS of `predict.Enhancer` on random images."""
+  h, w = _size()
+  count = _BATCH.value
+  cfg = config.predict
+  model = create_model(config.model)
+  enhancer = predict.Enhancer(
+    model,
+    _random_params(model),
+    tile_size=cfg.tile_size,
+    tile_overlap=cfg.tile_overlap,
+    bucket=cfg.bucket,
+    max_tile_megapixels=cfg.max_tile_megapixels,
+  )
+  layout = enhancer.layout(h, w)
+  start = time.perf_counter()
+  enhancer.compile(h, w)
+  compile_s = time.perf_counter() - start
+  _emit({'event': 'compile', 'mode': 'predict', 'compile_s': round(compile_s, 3)})
+  rng = np.random.default_rng(0)
+  photo = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)  # the values do not change the time
+  enhancer.reset_counts()
+  start = time.perf_counter()
+  for _, out in enhancer.enhance_many((i, photo) for i in range(count)):
+    assert out.shape == photo.shape
+  elapsed = time.perf_counter() - start
+  megapixels = count * h * w / 1e6
+  peak_rss = _peak_rss_gib()  # before the reference forward, which may take more
+  reference = _reference_forward(model, enhancer.params, _REFERENCE.value)
+  if reference:
+    reference['predict_slowdown'] = round(reference['megapixels_per_s'] * elapsed / megapixels, 3)
+  _emit(
+    {
+      'event': 'summary',
+      'mode': 'predict',
+      'images': count,
+      'height': h,
+      'width': w,
+      'dtype': config.model.dtype,
+      'params': count_params(enhancer.params),
+      'tile_shape': list(layout.tile_shape),
+      'tiles_per_image': layout.num_tiles,
+      'processed_over_image_pixels': round(layout.waste, 4),
+      'tiles_per_device': enhancer.tiles_per_device(),
+      'compile_s': round(compile_s, 3),
+      'seconds': round(elapsed, 3),
+      'megapixels_per_s': round(megapixels / elapsed, 5),
+      'peak_rss_gib': round(peak_rss, 3),
+      'reference_forward': reference,
+      'devices': _devices(),
+      'jax': jax.__version__,
+    }
+  )
+
+
+def _reference_forward(model: Any, params: Any, side: int) -> dict | None:
+  """One plain jitted forward of a side x side image: the speed predict is compared with."""
+  if not side:
+    return None
+  x = np.random.default_rng(1).random((1, side, side, 3), np.float32) * 0.3
+  fn = jax.jit(lambda p, x: model.apply({'params': p}, x))
+  compiled = fn.lower(params, x).compile()
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(params, x))
+  seconds = time.perf_counter() - start
+  return {
+    'size': side,
+    'seconds': round(seconds, 3),
+    'megapixels_per_s': round(side * side / 1e6 / seconds, 5),
+  }
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  mode = _MODE.value
+  if mode in ('train_step', 'forward'):
+    bench_model(config, mode)
+  elif mode == 'data':
+    bench_data(config)
+  else:
+    bench_predict(config)
 
 
 if __name__ == '__main__':

@@ -99,13 +99,44 @@ def test_small_images_are_reflect_padded():
 
 
 def test_epochs_reshuffle_and_cover_every_record():
-  source = CoordSource(8)
-  epochs = []
-  for batch in _take(_train(source, global_batch_size=8), 3):
-    order = [int(round(x[0, 0, 2] * 255)) for x in batch['low']]
-    assert sorted(order) == list(range(8))  # one epoch per batch: a permutation
-    epochs.append(order)
-  assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
+  # 6 records, batches of 4: epochs straddle batches, as in training.
+  source = CoordSource(6)
+  stream = [
+    int(round(x[0, 0, 2] * 255))
+    for batch in _take(_train(source, global_batch_size=4), 6)
+    for x in batch['low']
+  ]
+  epochs = [stream[i : i + 6] for i in range(0, 24, 6)]
+  for epoch in epochs:
+    assert sorted(epoch) == list(range(6)), epochs  # every record exactly once per epoch
+  orders = {tuple(e) for e in epochs}
+  assert len(orders) == 4, epochs  # every epoch in its own order
+  assert epochs[0] != list(range(6))  # shuffled from the start
+
+
+def test_cached_batches_identical_and_resume_exact(eval15_dir):
+  from configs import lol
+
+  config = lol.get_config()
+  config.data.name, config.data.folder = 'folder', str(eval15_dir)
+  config.data.validation_percent = 0.0
+  plain = sources.create_source(config.data, 'train')
+  config.data.cache = True
+  cached = sources.create_source(config.data, 'train')
+  kwargs = dict(crop_size=64, seed=5, mixup=True, mixup_start_step=2)
+  reference = _take(_train(plain, **kwargs), 6)
+  # Workers asked for: a cache is read in-process, with the same batches.
+  it = _train(cached, num_workers=2, **kwargs)
+  first = _take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))
+  it.close()
+  assert state == {'step': 3}
+  resumed = _train(cached, **kwargs)
+  resumed.set_state(state)
+  for x, y in zip(first + _take(resumed, 3), reference, strict=True):
+    np.testing.assert_array_equal(x['low'], y['low'])
+    np.testing.assert_array_equal(x['high'], y['high'])
+  np.testing.assert_array_equal(cached[0]['low'], plain[0]['low'])  # the cache is untouched
 
 
 def test_deterministic_for_a_seed():

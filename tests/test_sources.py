@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mirnet_jax.data import images, sources
+from mirnet_jax.data import cache, images, sources
 
 LOL_DUMMY = pathlib.Path(__file__).resolve().parents[1] / 'mirnet_jax/data/lol/dummy_data'
 
@@ -24,6 +24,7 @@ def _data_config(**overrides):
       'synthetic_eval_pairs': 3,
       'synthetic_size': 32,
       'synthetic_seed': 0,
+      'cache': False,
     }
   )
   config.update(overrides)
@@ -133,6 +134,37 @@ def test_real_pairs_folder(eval15_dir):
   assert record['low'].mean() < record['high'].mean()
 
 
+def test_cache_holds_the_same_records_read_only(tmp_path):
+  folder = _pair_folder(tmp_path / 'pairs', [f'{i}.png' for i in range(5)], size=(6, 8))
+  plain = sources.create_source(_data_config(folder=str(folder), validation_percent=0), 'train')
+  cached = sources.create_source(
+    _data_config(folder=str(folder), validation_percent=0, cache=True), 'train'
+  )
+  assert isinstance(cached, cache.CachedSource) and len(cached) == len(plain) == 5
+  assert cached.names == plain.names and cached.nbytes == 5 * 2 * 6 * 8 * 3
+  for i in range(5):
+    for key in ('low', 'high'):
+      np.testing.assert_array_equal(cached[i][key], plain[i][key])
+      assert not cached[i][key].flags.writeable  # no transform can change the cache
+    assert cached[i]['name'] == plain[i]['name']
+  # Decoded once: the files are no longer read.
+  for path in (folder / 'low').iterdir():
+    path.unlink()
+  np.testing.assert_array_equal(cached[4]['low'], np.full((6, 8, 3), 4, np.uint8))
+
+
+def test_cache_refuses_what_would_not_fit_naming_the_key():
+  uniform = [{'low': np.zeros((10, 10, 3), np.uint8), 'name': str(i)} for i in range(10)]
+  with pytest.raises(cache.CacheTooLargeError, match=r'config\.data\.cache=True.*about'):
+    cache.CachedSource(uniform, what='train', available_bytes=2000)  # 3000 B needed > 1600
+  assert len(cache.CachedSource(uniform, available_bytes=4000)) == 10
+  # A later, larger record is caught as it is decoded.
+  mixed = uniform[:2] + [{'low': np.zeros((40, 40, 3), np.uint8), 'name': 'big'}]
+  with pytest.raises(cache.CacheTooLargeError, match='at least'):
+    cache.CachedSource(mixed, available_bytes=4000)
+  assert cache.available_memory_bytes() > 2**20
+
+
 def test_synthetic_kind():
   config = _data_config(name='synthetic')
   train = sources.create_source(config, 'train')
@@ -179,6 +211,26 @@ def test_inputs_file_folder_glob(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ValueError, match='empty: no images'):
     sources.InputsSource(tmp_path / 'empty')
+
+
+def test_globs_match_suffixes_in_any_case_and_know_their_root(tmp_path):
+  for rel in ('a/x.JPG', 'a/b/y.jpg', 'a/b/z.Jpeg', 'a/[k].jpg'):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    images.write_image(tmp_path / rel, np.zeros((4, 4, 3), np.uint8))
+  found = sources.list_inputs(str(tmp_path / 'a' / '**' / '*.jpg'))
+  assert sorted(str(p.relative_to(tmp_path)) for p in found) == [
+    'a/[k].jpg',
+    'a/b/y.jpg',
+    'a/x.JPG',
+  ]
+  found = sources.list_inputs(str(tmp_path / 'a' / '**' / '*.[jJ]*'))  # classes left alone
+  assert len(found) == 4
+  assert sources._any_case('*.jpg') == '*.[jJ][pP][gG]'
+  assert sources._any_case('[a-c]x?.png') == '[a-c][xX]?.[pP][nN][gG]'
+  assert sources.input_root(str(tmp_path / 'a' / '**' / '*.jpg')) == tmp_path / 'a'
+  assert sources.input_root(tmp_path / 'a') == tmp_path / 'a'
+  assert sources.input_root(tmp_path / 'a' / 'x.JPG') == tmp_path / 'a'
+  assert sources.input_root('*.png') == pathlib.Path('.')
 
 
 def test_tfds_lol_sorted_by_name(tmp_path):

@@ -18,6 +18,8 @@ Kinds, by `config.data.name`:
 * 'synthetic': `mirnet_jax.data.synthetic`; train, validation and test come from disjoint
   photographs and random streams.
 
+With `config.data.cache`, any kind is decoded once into memory (`cache.CachedSource`).
+
 `list_inputs` / `InputsSource` serve prediction: a file, a folder or a glob of low-light images
 only, as records `{'low': uint8[H, W, 3], 'name': str, 'path': str}`.
 
@@ -37,7 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mirnet_jax.data import images, synthetic
+from mirnet_jax.data import cache, images, synthetic
 
 SPLITS = ('train', 'validation', 'test')
 TFDS_NAMES = ('lol', 'sice')
@@ -275,12 +277,23 @@ def create_source(data_config: Any, split: str) -> Source:
   Args:
     data_config: `config.data` (keys: name, data_dir, folder, validation_folder,
       validation_percent, synthetic_pairs, synthetic_eval_pairs, synthetic_size,
-      synthetic_seed).
+      synthetic_seed, cache).
     split: 'train', 'validation' or 'test'.
 
   Returns:
-    A random-access source of `{'low', 'high', 'name'}` records in deterministic order.
+    A random-access source of `{'low', 'high', 'name'}` records in deterministic order; with
+    `cache`, a `cache.CachedSource` holding them all decoded in memory.
+
+  Raises:
+    cache.CacheTooLargeError: `cache` is set and the split would not fit in memory.
   """
+  source = _create_uncached_source(data_config, split)
+  if data_config.cache:
+    return cache.CachedSource(source, what=split)
+  return source
+
+
+def _create_uncached_source(data_config: Any, split: str) -> Source:
   if split not in SPLITS:
     raise ValueError(f'unknown split {split!r}; known: {SPLITS}')
   name = data_config.name
@@ -303,12 +316,33 @@ def create_source(data_config: Any, split: str) -> Source:
   )
 
 
+def _any_case(pattern: str) -> str:
+  """A glob pattern whose letters match either case ('*.jpg' -> '*.[jJ][pP][gG]').
+
+  Python 3.11's glob has no case-insensitive mode; letters inside [...] are left alone.
+  """
+  out, in_class = [], False
+  for ch in pattern:
+    if in_class:
+      in_class = ch != ']'
+      out.append(ch)
+    elif ch == '[':
+      in_class = True
+      out.append(ch)
+    elif ch.isalpha() and ch.lower() != ch.upper():
+      out.append(f'[{ch.lower()}{ch.upper()}]')
+    else:
+      out.append(ch)
+  return ''.join(out)
+
+
 def list_inputs(path: str | os.PathLike[str]) -> list[pathlib.Path]:
   """The input images named by a file, a folder (not recursive) or a glob pattern.
 
   Args:
     path: an image file (taken whatever its suffix), a directory, or a glob such as
-      'photos/*.jpg' or 'photos/**/*.png' (recursive).
+      'photos/*.jpg' or 'photos/**/*.png' (recursive). The file-name part of a pattern matches
+      in any case ('*.jpg' also finds 'IMG_1.JPG'); folders match as written.
 
   Returns:
     Image paths, sorted (a single file is returned as is).
@@ -317,7 +351,7 @@ def list_inputs(path: str | os.PathLike[str]) -> list[pathlib.Path]:
     FileNotFoundError: nothing exists at `path` and no file matches it as a pattern.
     ValueError: the folder or pattern names no image file.
   """
-  text = os.fspath(path)
+  text = os.path.expanduser(os.fspath(path))
   p = pathlib.Path(text)
   if p.is_file():
     return [p]
@@ -328,7 +362,10 @@ def list_inputs(path: str | os.PathLike[str]) -> list[pathlib.Path]:
     return found
   if not glob.has_magic(text):
     raise FileNotFoundError(f'{text}: no such file or directory')
-  matches = [pathlib.Path(m) for m in glob.glob(text, recursive=True)]
+  folder, name = os.path.split(text)
+  matches = {
+    pathlib.Path(m) for m in glob.glob(os.path.join(folder, _any_case(name)), recursive=True)
+  }
   found = sorted(
     (m for m in matches if m.is_file() and m.suffix.lower() in images.IMAGE_SUFFIXES),
     key=lambda m: natural_key(str(m)),
@@ -336,6 +373,23 @@ def list_inputs(path: str | os.PathLike[str]) -> list[pathlib.Path]:
   if not found:
     raise ValueError(f'{text}: the pattern matches no image (suffixes {images.IMAGE_SUFFIXES})')
   return found
+
+
+def input_root(path: str | os.PathLike[str]) -> pathlib.Path:
+  """The folder that input paths are relative to: the folder itself, a file's folder, or the
+  part of a glob before its first wildcard ('trip/**/*.jpg' -> 'trip')."""
+  text = os.path.expanduser(os.fspath(path))
+  p = pathlib.Path(text)
+  if p.is_dir():
+    return p
+  if p.is_file() or not glob.has_magic(text):
+    return p.parent
+  fixed = []
+  for part in p.parts:
+    if glob.has_magic(part):
+      break
+    fixed.append(part)
+  return pathlib.Path(*fixed) if fixed else pathlib.Path('.')
 
 
 class InputsSource:
