@@ -1,8 +1,15 @@
 """Checkpoints with orbax: training checkpoints and parameter-only exports.
 
 Training checkpoints live in ``WORKDIR/checkpoints/<step>/`` with one orbax item each for the
-parameters, the rest of the train state, the grain iterator position, the config (JSON) and
-the validation metrics; the latest N and the best by validation PSNR are kept.
+parameters, the rest of the train state, the data iterator position ``{'step': k}`` (JSON,
+written once: it does not depend on the number of processes, so a run resumes on another
+process count), the config (JSON) and the validation metrics; the latest N and the best by
+validation PSNR are kept (a non-finite PSNR never ranks). Checkpoints of earlier versions hold
+grain's per-process iterator files instead; they restore on the same process count.
+
+Every path is an ``etils.epath`` path: local, or remote (``gs://...``) for TPU pods.
+A checkpoint that cannot be read is moved to ``WORKDIR/checkpoints_unreadable/`` (never
+deleted) and the run resumes from the newest readable one (``restore_latest``).
 
 An export directory (converted official weights) holds ``params/`` (an orbax
 StandardCheckpointer tree) and ``model.json`` (the ``config.model`` fields needed to rebuild
@@ -10,32 +17,38 @@ the network). ``restore_params`` reads either kind.
 """
 
 import json
-import pathlib
+import math
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from mirnet_jax import paths
 
 MODEL_JSON = 'model.json'
+PathLike = paths.PathLike
+as_path = paths.as_path  # the names train/evaluate/predict call through this module
+write_text_atomic = paths.write_text_atomic
 
 
-def export_params(directory: str | pathlib.Path, params: Any, model_config: dict) -> None:
+def export_params(directory: PathLike, params: Any, model_config: dict) -> None:
   """Writes ``params`` and the model's config to a new directory (never overwrites)."""
-  directory = pathlib.Path(directory).absolute()
+  directory = as_path(directory)
   if directory.exists():
     raise FileExistsError(f'{directory}: already exists; choose a new --output directory')
   directory.mkdir(parents=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory / 'params', params)
     ckptr.wait_until_finished()
-  (directory / MODEL_JSON).write_text(json.dumps(dict(model_config), indent=2) + '\n')
+  write_text_atomic(directory / MODEL_JSON, json.dumps(dict(model_config), indent=2) + '\n')
 
 
-def is_export(directory: str | pathlib.Path) -> bool:
+def is_export(directory: PathLike) -> bool:
   """Whether ``directory`` is a parameter export written by ``export_params``."""
-  directory = pathlib.Path(directory)
+  directory = as_path(directory)
   return (directory / MODEL_JSON).is_file() and (directory / 'params').is_dir()
 
 
@@ -51,9 +64,9 @@ def _replicated_target(shapes: Any) -> Any:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
 
 
-def load_export(directory: str | pathlib.Path) -> tuple[dict, Any]:
+def load_export(directory: PathLike) -> tuple[dict, Any]:
   """Reads an export: returns (model_config fields, params as host arrays)."""
-  directory = pathlib.Path(directory).absolute()
+  directory = as_path(directory)
   if not is_export(directory):
     raise FileNotFoundError(
       f'{directory}: not a converted-weights directory (needs {MODEL_JSON} and params/)'
@@ -63,8 +76,11 @@ def load_export(directory: str | pathlib.Path) -> tuple[dict, Any]:
 
   target = param_shapes(create_model(model_config))
   target = _replicated_target(target)
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(directory / 'params', target)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(directory / 'params', target)
+  except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many kinds; name the file
+    raise UnreadableCheckpointError(f'{directory}/params: cannot be read ({_reason(e)})') from e
   return model_config, params
 
 
@@ -74,7 +90,9 @@ def load_export(directory: str | pathlib.Path) -> tuple[dict, Any]:
 # The state is split into items so that readers of a model (eval, predict, init_from) restore
 # ``params`` alone, without the optimiser moments (twice the parameters' memory).
 CHECKPOINT_DIR = 'checkpoints'
-PARAMS, OPT, DATA, CONFIG = 'params', 'opt', 'data', 'config'
+UNREADABLE_DIR = 'checkpoints_unreadable'
+# DATA: grain's per-process iterator files (earlier checkpoints); ITERATOR: {'step': k} as JSON.
+PARAMS, OPT, DATA, ITERATOR, CONFIG = 'params', 'opt', 'data', 'iterator', 'config'
 BEST_METRIC = 'psnr'  # validation PSNR (dB) ranks checkpoints; higher is better
 
 
@@ -82,13 +100,30 @@ class CheckpointNotFoundError(FileNotFoundError):
   """No checkpoint matches the request; the message says what exists."""
 
 
-def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+class UnreadableCheckpointError(CheckpointNotFoundError):
+  """A checkpoint exists but its files cannot be read (truncated, half-copied)."""
+
+
+def _reason(error: BaseException) -> str:
+  """The first line of a (often multi-line tensorstore) error, shortened."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  text = lines[0] if lines else type(error).__name__
+  return text if len(text) <= 200 else text[:197] + '...'
+
+
+def _rank(metrics: dict) -> float:
+  """The best policy's score: validation PSNR, or -inf when it is not finite (NaN model)."""
+  value = float(metrics[BEST_METRIC])
+  return value if math.isfinite(value) else -math.inf
+
+
+def checkpoint_dir(workdir: PathLike) -> epath.Path:
   """Where a run keeps its checkpoints."""
-  return pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+  return as_path(workdir) / CHECKPOINT_DIR
 
 
 def create_manager(
-  workdir: str | pathlib.Path, keep: int = 2, *, read_only: bool = False
+  workdir: PathLike, keep: int = 2, *, read_only: bool = False
 ) -> ocp.CheckpointManager:
   """An asynchronous manager keeping the latest ``keep`` steps and the best by ``psnr``.
 
@@ -97,13 +132,13 @@ def create_manager(
   """
   policy = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
-    best_fn=lambda m: m[BEST_METRIC],
+    best_fn=_rank,
     best_mode='max',
     preservation_policy=policy.AnyPreservationPolicy(
       [
         policy.LatestN(n=keep),
         policy.BestN(
-          get_metric_fn=lambda m: m[BEST_METRIC],
+          get_metric_fn=_rank,
           reverse=False,
           n=1,
           keep_checkpoints_without_metrics=False,
@@ -134,17 +169,16 @@ def save(
     step: the optimiser step the state is at.
     params: parameter pytree.
     opt: the rest of the train state (step counter, optimiser state).
-    data_iterator: a grain iterator; its position is saved so a resume sees the same data.
+    data_iterator: a grain iterator; its state (``get_state()``, ``{'step': k}`` for the
+      training iterator) is saved once, as JSON, so a resume sees the same data.
     config: the run's config as plain data (``config.to_dict()``).
     metrics: validation metrics of this state (``{'psnr': ...}``) or None.
   """
-  import grain.checkpoint  # lazily: readers of params alone never need grain
-
   args = ocp.args.Composite(
     **{
       PARAMS: ocp.args.StandardSave(params),
       OPT: ocp.args.StandardSave(opt),
-      DATA: grain.checkpoint.CheckpointSave(data_iterator),
+      ITERATOR: ocp.args.JsonSave(data_iterator.get_state()),
       CONFIG: ocp.args.JsonSave(config),
     }
   )
@@ -162,22 +196,115 @@ def restore(
 ) -> tuple[Any, Any]:
   """Restores ``step`` into the structure, shardings and dtypes of the live ``params``/``opt``.
 
-  The data iterator is restored in place. Returns ``(params, opt)``.
+  The data iterator is restored in place: from the JSON state, or from grain's per-process
+  files in checkpoints of earlier versions (same process count only). Returns ``(params, opt)``.
   """
-  import grain.checkpoint  # lazily: readers of params alone never need grain
-
   abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-  out = manager.restore(
-    step,
-    args=ocp.args.Composite(
-      **{
-        PARAMS: ocp.args.StandardRestore(abstract(params)),
-        OPT: ocp.args.StandardRestore(abstract(opt)),
-        DATA: grain.checkpoint.CheckpointRestore(data_iterator),
-      }
-    ),
-  )
+  items = {
+    PARAMS: ocp.args.StandardRestore(abstract(params)),
+    OPT: ocp.args.StandardRestore(abstract(opt)),
+  }
+  if (epath.Path(manager.directory) / str(step) / ITERATOR).exists():
+    items[ITERATOR] = ocp.args.JsonRestore()
+  else:
+    import grain.checkpoint  # lazily: only checkpoints of earlier versions need it
+
+    items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+  out = manager.restore(step, args=ocp.args.Composite(**items))
+  if ITERATOR in items:
+    data_iterator.set_state(out[ITERATOR])
   return out[PARAMS], out[OPT]
+
+
+def _everyone(ok: bool) -> bool:
+  """Whether ``ok`` holds on every process (one answer for all, so none goes its own way)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int, error: BaseException) -> epath.Path:
+  """Moves unreadable checkpoint ``step`` to ``WORKDIR/checkpoints_unreadable/`` (one warning).
+
+  Never deletes: the files may still be worth inspecting or repairing. Process 0 moves it,
+  every process then sees the manager without it. The run goes on from an older one.
+  """
+  bad = epath.Path(manager.directory) / str(step)
+  aside_dir = epath.Path(manager.directory).parent / UNREADABLE_DIR
+  aside = aside_dir / str(step)
+  if jax.process_index() == 0:
+    aside_dir.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while aside.exists():
+      aside, n = aside_dir / f'{step}.{n}', n + 1
+    bad.rename(aside)
+  logging.warning(
+    '%s: checkpoint cannot be read (%s); moved to %s; resuming from an older one',
+    bad,
+    _reason(error),
+    aside,
+  )
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f'mirnet_jax set aside {step}')
+  manager.reload()
+  return aside
+
+
+def restore_latest(
+  manager: ocp.CheckpointManager,
+  params: Any,
+  opt: Any,
+  data_iterator: Any,
+  check: Any = None,
+) -> tuple[int, Any, Any] | None:
+  """Restores the newest readable checkpoint; newer unreadable ones are set aside.
+
+  A checkpoint counts as unreadable only when an older one restores with the same template:
+  an error that every checkpoint gives (a template that does not fit) is raised, and nothing
+  is moved.
+
+  Args:
+    manager: from ``create_manager``.
+    params, opt, data_iterator: as for ``restore``.
+    check: called with a step whose config could be read, before its arrays are; raises to
+      refuse it (a model mismatch is an error, not an unreadable checkpoint).
+
+  Returns:
+    ``(step, params, opt)``, or None when there is no checkpoint.
+
+  Raises:
+    UnreadableCheckpointError: no checkpoint can be read; names the newest.
+  """
+  failed: list[tuple[int, BaseException]] = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    error = None
+    try:
+      stored_config(manager, step)
+    except Exception as e:  # noqa: BLE001 - a truncated JSON or a missing item
+      error = e
+    if _everyone(error is None):
+      if check is not None:
+        check(step)
+      try:
+        restored = restore(manager, step, params, opt, data_iterator)
+      except Exception as e:  # noqa: BLE001 - tensorstore raises many kinds for bad files
+        error = e
+    if _everyone(error is None):
+      for bad, bad_error in failed:
+        set_aside(manager, bad, bad_error)
+      return (step, *restored)
+    failed.append((step, error or RuntimeError('unreadable on another process')))
+  if not failed:
+    return None
+  step, error = failed[0]
+  raise UnreadableCheckpointError(
+    f'{manager.directory}/{step}: checkpoint cannot be read ({_reason(error)}), nor any older '
+    f'one; move {manager.directory} aside to start afresh'
+  ) from error
 
 
 def resolve_step(manager: ocp.CheckpointManager, which: str | int, where: str) -> int:
@@ -190,7 +317,7 @@ def resolve_step(manager: ocp.CheckpointManager, which: str | int, where: str) -
     return steps[-1]
   if which == 'best':
     best = manager.best_step()
-    if best is None or manager.metrics(best) is None:
+    if best is None or manager.metrics(best) is None or _rank(manager.metrics(best)) == -math.inf:
       logging.warning('%s: no validated checkpoint; using the latest (%d)', where, steps[-1])
       return steps[-1]
     return best
@@ -204,9 +331,7 @@ def resolve_step(manager: ocp.CheckpointManager, which: str | int, where: str) -
   return int(which)
 
 
-def restore_params(
-  workdir_or_export: str | pathlib.Path, which: str | int = 'best'
-) -> tuple[dict, Any, int]:
+def restore_params(workdir_or_export: PathLike, which: str | int = 'best') -> tuple[dict, Any, int]:
   """Loads a model from a training workdir or a converted-weights export.
 
   Args:
@@ -220,8 +345,9 @@ def restore_params(
 
   Raises:
     CheckpointNotFoundError: nothing to load, or the step does not exist (lists the steps).
+    UnreadableCheckpointError: the chosen checkpoint's files cannot be read (names it).
   """
-  path = pathlib.Path(workdir_or_export).absolute()
+  path = as_path(workdir_or_export)
   if is_export(path):
     model_config, params = load_export(path)
     return model_config, params, 0
@@ -234,19 +360,26 @@ def restore_params(
     )
   with create_manager(path, read_only=True) as manager:
     step = resolve_step(manager, which, str(path))
-    model_config = stored_config(manager, step)['model']
-    from mirnet_jax.models import create_model, param_shapes
+    try:
+      model_config = stored_config(manager, step)['model']
+      from mirnet_jax.models import create_model, param_shapes
 
-    target = param_shapes(create_model(model_config))
-    target = _replicated_target(target)
-    restored = manager.restore(
-      step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})
-    )
+      target = param_shapes(create_model(model_config))
+      target = _replicated_target(target)
+      restored = manager.restore(
+        step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})
+      )
+    except Exception as e:  # noqa: BLE001 - tensorstore raises many kinds for bad files
+      others = [str(s) for s in sorted(manager.all_steps()) if s != step]
+      raise UnreadableCheckpointError(
+        f'{manager.directory}/{step}: checkpoint cannot be read ({_reason(e)}); choose another '
+        f'step ({", ".join(others) or "none other saved"})'
+      ) from e
   return dict(model_config), restored[PARAMS], step
 
 
 def load_weights(
-  spec: str | int, workdir: str | pathlib.Path | None, *, key: str = 'checkpoint'
+  spec: str | int, workdir: PathLike | None, *, key: str = 'checkpoint'
 ) -> tuple[dict, Any, int]:
   """Resolves a checkpoint setting (``config.eval.checkpoint`` and the like) to weights.
 
@@ -266,8 +399,8 @@ def load_weights(
   if spec in ('best', 'latest') or spec.isdigit():
     if not workdir:
       raise FileNotFoundError(f'{key}={spec!r} needs --workdir (the training run)')
-    return restore_params(pathlib.Path(workdir), int(spec) if spec.isdigit() else spec)
-  source = pathlib.Path(spec).expanduser()
+    return restore_params(workdir, int(spec) if spec.isdigit() else spec)
+  source = as_path(spec)
   if not source.is_dir():
     raise FileNotFoundError(f'{key}={spec!r}: not best|latest|a step, and no such directory')
   return restore_params(source, 'best')

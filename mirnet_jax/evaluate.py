@@ -10,7 +10,12 @@ bottom/right to the model's size multiple and the output cropped back, then
 (../shared/docs/protocol.md). Classical baselines (`baselines.py`) go through the same metrics,
 their uint8 outputs divided by 255.
 
-`run` writes to ``config.eval.output_dir`` (default ``WORKDIR/eval/<split>/``):
+`run` writes to ``config.eval.output_dir``, by default ``WORKDIR/eval/<split>/<what>/`` with
+<what> = ``step_<N>`` (a checkpoint of the workdir), ``export_<dir name>`` (converted weights or
+another run) or the baseline's name (``gamma_<g>``), so that evaluations of other checkpoints or
+methods never overwrite each other; a non-empty output directory is refused unless ``overwrite``
+(``--overwrite``). Local or remote (``gs://``) directories. On several processes every image
+is gathered to process 0, which writes each row, grid and image once:
   metrics.csv    name, psnr, ssim, mae, mse per image (plus *_gt_mean with config.eval.gt_mean)
   summary.json   dataset means, num_images, method, checkpoint and step, data, protocol
   grids/         low | enhanced | high PNGs of the first config.eval.num_grids images
@@ -19,8 +24,9 @@ their uint8 outputs divided by 255.
 """
 
 import csv
+import io
 import json
-import pathlib
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,8 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
-from mirnet_jax import baselines, checkpoints, metrics, sharding, summaries
+from mirnet_jax import baselines, checkpoints, distributed, metrics, paths, sharding, summaries
 from mirnet_jax.data import images, pipeline, sources
 from mirnet_jax.models import MIRNet, create_model, crop, pad_to_multiple
 
@@ -134,31 +141,28 @@ def evaluate(
     (summary, rows, examples): summary holds the dataset means 'psnr', 'ssim', 'mae', 'mse'
     (and '*_gt_mean' when the step computes them) and 'num_images'; rows holds one dict per
     image {'name', 'psnr', ...} in data order; examples the first ``num_examples`` triplets.
-    On several processes the means cover every image; rows and examples this process's.
+    On several processes every process gets every image's row and example (gathered).
   """
   per_batch, rows, examples = [], [], []
   for batch in batches:
-    names = [str(n) for n in batch['name']]
     if mesh is not None:
       device_batch = sharding.global_batch(batch, mesh)
     else:
       device_batch = {k: np.asarray(batch[k]) for k in ('low', 'high', 'mask')}
     out = eval_step(params, device_batch)
-    enhanced = out.pop('enhanced')
-    local = {k: _local_rows(v) for k, v in out.items()}
-    per_batch.append(_gather(out) if jax.process_count() > 1 else local)
-    keys = _metric_keys(local)
-    enhanced_local = None
-    for i, real in enumerate(np.asarray(batch['mask'])):
+    # The same decision on every process: the gathers below are collectives.
+    want_images = on_image is not None or len(examples) < num_examples
+    host = _host_batch(out, batch, want_images)
+    per_batch.append({k: host[k] for k in out if k != 'enhanced'})
+    keys = _metric_keys(host)
+    for i, real in enumerate(host['mask']):
       if not real:
         continue
-      rows.append({'name': names[i], **{k: float(local[k][i]) for k in keys}})
-      if on_image is None and len(examples) >= num_examples:
+      name = host['name'][i]
+      rows.append({'name': name, **{k: float(host[k][i]) for k in keys}})
+      if not want_images or (on_image is None and len(examples) >= num_examples):
         continue
-      if enhanced_local is None:
-        enhanced_local = _local_rows(enhanced)
-      low, high = _to_uint8(batch['low'][i]), _to_uint8(batch['high'][i])
-      triplet = (names[i], low, enhanced_local[i], high)
+      triplet = (name, _to_uint8(host['low'][i]), host['enhanced'][i], _to_uint8(host['high'][i]))
       if len(examples) < num_examples:
         examples.append(triplet)
       if on_image is not None:
@@ -166,6 +170,34 @@ def evaluate(
   summary = metrics.summarize(per_batch)
   summary['num_images'] = summary.pop('count')
   return summary, rows, examples
+
+
+_NAME_BYTES = 1024  # image names travel between processes as fixed-size UTF-8 rows
+
+
+def _host_batch(out: dict[str, Any], batch: dict[str, Any], want_images: bool) -> dict[str, Any]:
+  """A batch's metrics (and images) for every image of the global batch, on the host.
+
+  One process: its own rows. Several: every process's rows, in global batch order (process 0's
+  rows first, as the eval pipeline lays them out), gathered with ``process_allgather``.
+  """
+  names = [str(n) for n in batch['name']]
+  tree = {k: v for k, v in out.items() if want_images or k != 'enhanced'}
+  tree['mask'] = np.asarray(batch['mask'])
+  if want_images:
+    tree['low'], tree['high'] = np.asarray(batch['low']), np.asarray(batch['high'])
+  if jax.process_count() == 1:
+    host = {k: _local_rows(v) for k, v in tree.items()}
+    host['name'] = names
+    return host
+  encoded = np.zeros((len(names), _NAME_BYTES), np.uint8)
+  for i, name in enumerate(names):
+    raw = name.encode()[:_NAME_BYTES]
+    encoded[i, : len(raw)] = np.frombuffer(raw, np.uint8)
+  tree['name'] = encoded
+  host = {k: np.asarray(v) for k, v in _gather(tree).items()}
+  host['name'] = [bytes(row).rstrip(b'\0').decode(errors='replace') for row in host['name']]
+  return host
 
 
 def _local_rows(x: Any) -> np.ndarray:
@@ -176,7 +208,7 @@ def _local_rows(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
-def load_weights(checkpoint: str, workdir: str | pathlib.Path | None) -> tuple[dict, Any, int]:
+def load_weights(checkpoint: str, workdir: str | os.PathLike | None) -> tuple[dict, Any, int]:
   """``checkpoints.load_weights`` for ``config.eval.checkpoint``, with advice when none exists."""
   try:
     return checkpoints.load_weights(checkpoint, workdir, key='config.eval.checkpoint')
@@ -198,21 +230,29 @@ def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def _write_csv(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+def _write_csv(path: epath.Path, rows: list[dict[str, Any]]) -> None:
   keys = ['name'] + [k for k in rows[0] if k != 'name']
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=keys)
-    writer.writeheader()
-    for r in rows:
-      writer.writerow({k: r[k] if k == 'name' else f'{r[k]:.6f}' for k in keys})
+  text = io.StringIO(newline='')
+  writer = csv.DictWriter(text, fieldnames=keys)
+  writer.writeheader()
+  for r in rows:
+    writer.writerow({k: r[k] if k == 'name' else f'{r[k]:.6f}' for k in keys})
+  paths.write_text_atomic(path, text.getvalue())
 
 
-def _image_writer(out_dir: pathlib.Path, num_grids: int, save_images: bool) -> ImageCallback:
-  """Writes comparison grids (low | enhanced | high) and, optionally, the enhanced images."""
+def _image_writer(out_dir: epath.Path, num_grids: int, save_images: bool) -> ImageCallback:
+  """Writes comparison grids (low | enhanced | high) and, optionally, the enhanced images.
+
+  Only process 0 writes; the others count along (every process sees every image).
+  """
   count = [0]
+  is_main = jax.process_index() == 0
 
   def write(name: str, low: np.ndarray, enhanced: np.ndarray, high: np.ndarray) -> None:
-    stem = pathlib.Path(name).stem or f'image_{count[0]}'
+    stem = os.path.splitext(os.path.basename(name))[0] or f'image_{count[0]}'
+    if not is_main:
+      count[0] += 1
+      return
     if num_grids < 0 or count[0] < num_grids:
       images.write_image(
         out_dir / 'grids' / f'{stem}.png', np.concatenate([low, enhanced, high], 1)
@@ -224,25 +264,60 @@ def _image_writer(out_dir: pathlib.Path, num_grids: int, save_images: bool) -> I
   return write
 
 
-def run(config: Any, workdir: str | None) -> int:
+def run(config: Any, workdir: str | None, overwrite: bool = False) -> int:
   """``--mode=eval`` (main.py): `write_evaluation`, then exit code 0; errors raise."""
-  write_evaluation(config, workdir)
+  write_evaluation(config, workdir, overwrite=overwrite)
   return 0
 
 
-def write_evaluation(config: Any, workdir: str | None) -> dict[str, Any]:
+def default_output_dir(workdir: Any, split: str, method: str, checkpoint: str, step: int, gamma):
+  """``WORKDIR/eval/<split>/<what>``: one directory per split, method and checkpoint."""
+  if method == 'model':
+    spec = str(checkpoint).strip()
+    if spec in ('best', 'latest') or spec.isdigit():
+      what = f'step_{step}'
+    else:
+      what = f'export_{paths.as_path(spec).name}'
+  elif method == 'gamma':
+    what = f'gamma_{gamma:g}'
+  else:
+    what = method
+  return paths.as_path(workdir) / 'eval' / split / what
+
+
+def _refuse_nonempty(out_dir: epath.Path, overwrite: bool) -> None:
+  """Raises unless ``out_dir`` is new or empty (or ``overwrite``); one answer for all processes."""
+  taken = 0
+  if jax.process_index() == 0 and not overwrite:
+    taken = int(out_dir.exists() and any(out_dir.iterdir()))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    taken = int(multihost_utils.broadcast_one_to_all(np.int32(taken)))
+  if taken:
+    raise FileExistsError(
+      f'{out_dir}: already holds an evaluation; pass --overwrite to replace its files or set '
+      '--config.eval.output_dir'
+    )
+
+
+def write_evaluation(
+  config: Any, workdir: str | None, *, overwrite: bool = False
+) -> dict[str, Any]:
   """Evaluates a checkpoint or a baseline on a split and writes every output (module doc).
 
   Args:
     config: the experiment config; reads ``config.eval`` and ``config.data``.
     workdir: the training run ('best'/'latest'/step checkpoints, default output_dir); may be
       None with a directory in config.eval.checkpoint and config.eval.output_dir set.
+    overwrite: write into a non-empty output directory (replacing files of the same name).
 
   Returns:
     The summary written to summary.json.
 
   Raises:
     FileNotFoundError: no checkpoint to evaluate, or the data is missing.
+    FileExistsError: the output directory is not empty and ``overwrite`` is False.
     ValueError: an unknown method or split.
   """
   ec = config.eval
@@ -250,18 +325,22 @@ def write_evaluation(config: Any, workdir: str | None) -> dict[str, Any]:
   model_config, step = None, 0
   if ec.method == 'model':
     model_config, params, step = load_weights(ec.checkpoint, workdir)
-    eval_step = make_eval_step(create_model(model_config), gt_mean=ec.gt_mean)
+    eval_step = distributed.SyncedJit(
+      make_eval_step(create_model(model_config), gt_mean=ec.gt_mean)
+    )
     what = f'checkpoint {ec.checkpoint} (step {step})'
   else:
     kwargs = {'gamma': ec.gamma} if ec.method == 'gamma' else {}
     eval_step = make_baseline_step(baselines.get_baseline(ec.method, **kwargs), gt_mean=ec.gt_mean)
     params, what = None, f'baseline {ec.method}'
+  distributed.barrier('eval')  # before the first collective: loading took different times
   if ec.output_dir:
-    out_dir = pathlib.Path(ec.output_dir)
+    out_dir = paths.as_path(ec.output_dir)
   elif workdir:
-    out_dir = pathlib.Path(workdir) / 'eval' / ec.split
+    out_dir = default_output_dir(workdir, ec.split, ec.method, ec.checkpoint, step, ec.gamma)
   else:
     raise ValueError('set --workdir or --config.eval.output_dir')
+  _refuse_nonempty(out_dir, overwrite)
   source = sources.create_source(config.data, ec.split)
   mesh = sharding.create_mesh()
   if ec.method == 'model':
@@ -270,7 +349,9 @@ def write_evaluation(config: Any, workdir: str | None) -> dict[str, Any]:
   use_mesh = mesh if ec.method == 'model' else None
   batch_size = config.data.eval_batch_size
   if use_mesh is not None:
-    sharding.check_batch_size(batch_size, mesh, 'config.data.eval_batch_size')
+    batch_size = sharding.eval_batch_size(batch_size, mesh)
+  elif batch_size % jax.process_count():
+    batch_size = -(-batch_size // jax.process_count()) * jax.process_count()
   batches = pipeline.create_eval_iterator(
     source,
     global_batch_size=batch_size,
@@ -278,11 +359,10 @@ def write_evaluation(config: Any, workdir: str | None) -> dict[str, Any]:
     process_count=jax.process_count(),
   )
   is_main = jax.process_index() == 0
-  on_image = None
   if is_main:
     for sub in ['grids'] + (['images'] if ec.save_images else []):
       (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    on_image = _image_writer(out_dir, ec.num_grids, ec.save_images)
+  on_image = _image_writer(out_dir, ec.num_grids, ec.save_images)
   logging.info('Evaluating %s on %s/%s (%d images)', what, config.data.name, ec.split, len(source))
   summary, rows, examples = evaluate(
     params,
@@ -306,7 +386,7 @@ def write_evaluation(config: Any, workdir: str | None) -> dict[str, Any]:
   if not is_main:
     return summary
   _write_csv(out_dir / 'metrics.csv', rows)
-  (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+  paths.write_text_atomic(out_dir / 'summary.json', json.dumps(summary, indent=2) + '\n')
   table = format_table(rows, summary)
   print(f'{what} on {config.data.name}/{ec.split}:\n{table}')
   scalars = {f'eval/{k}': summary[k] for k in rows[0] if k != 'name'}

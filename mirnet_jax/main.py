@@ -62,16 +62,6 @@ def _prepare_config(config):
   return config
 
 
-def _is_multiprocess() -> bool:
-  """Whether this process is one of several that form the run (jax.distributed needed)."""
-  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    return True
-  if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
-    return True  # jax reads the SLURM_* variables itself
-  # A TPU pod slice: more than one worker host listed.
-  return len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
-
-
 class _QuietLibraries(std_logging.Filter):
   """Drops the INFO chatter of orbax and grain (dozens of lines per checkpoint).
 
@@ -151,14 +141,9 @@ def main(argv: list[str]) -> int:
     return _report(e)
   import jax
 
-  if _is_multiprocess():
-    # jax reads JAX_COORDINATOR_ADDRESS and cluster variables (SLURM, TPU) itself, but not these.
-    kwargs = {
-      arg: int(os.environ[env])
-      for arg, env in (('num_processes', 'JAX_NUM_PROCESSES'), ('process_id', 'JAX_PROCESS_ID'))
-      if os.environ.get(env)
-    }
-    jax.distributed.initialize(**kwargs)
+  from mirnet_jax import distributed
+
+  distributed.initialize()  # joins a multi-process run (and watches its peers) if any
   logging.info(
     'JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(), jax.devices()
   )

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
@@ -38,6 +39,23 @@ def check_batch_size(global_batch: int, mesh: Mesh, key: str) -> int:
   if global_batch <= 0 or global_batch % n:
     raise ValueError(f'{key}={global_batch} must be a positive multiple of the device count ({n})')
   return global_batch // jax.process_count()
+
+
+def eval_batch_size(global_batch: int, mesh: Mesh, key: str = 'config.data.eval_batch_size') -> int:
+  """The global eval batch: ``global_batch`` rounded up to a multiple of the device count.
+
+  Eval batches are padded and masked (pipeline.create_eval_iterator), so a larger batch costs
+  only padding, while a batch smaller than the device count could not be split at all.
+  """
+  n = mesh.devices.size
+  if global_batch <= 0:
+    raise ValueError(f'{key}={global_batch} must be positive')
+  rounded = -(-global_batch // n) * n
+  if rounded != global_batch:
+    logging.info(
+      '%s=%d rounded up to %d, a multiple of the %d devices', key, global_batch, rounded, n
+    )
+  return rounded
 
 
 def global_batch(local: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:

@@ -2,178 +2,56 @@
 
 One jitted, data-parallel step over a 1-D ``'data'`` mesh (parameters replicated, batches
 split), validation at full resolution every ``config.train.eval_every_steps``, asynchronous orbax
-checkpoints (latest N + best by validation PSNR, with the grain iterator position), TensorBoard
-summaries through clu. A rerun with the same workdir resumes from the latest checkpoint; SIGTERM
-saves and stops; a non-finite loss stops without saving the bad state.
+checkpoints (latest N + best by validation PSNR, with the data iterator position), TensorBoard
+summaries through clu. The workdir may be local or remote (``gs://...``, any ``etils.epath``
+scheme). A rerun with the same workdir resumes from the newest readable checkpoint (on any
+number of processes); SIGTERM saves and stops (on several processes at orbax's preemption sync
+point); a non-finite loss, gradient norm or parameter stops without saving the bad state.
+
+The state and its step live in ``train_state.py`` and are re-exported here.
 """
 
-import functools
 import json
-import pathlib
-import signal
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from flax.training import train_state
 
-from mirnet_jax import baselines, checkpoints, evaluate, losses, sharding, summaries
+from mirnet_jax import (
+  baselines,
+  checkpoints,
+  distributed,
+  evaluate,
+  losses,
+  paths,
+  sharding,
+  summaries,
+)
 from mirnet_jax.data import pipeline, sources
-from mirnet_jax.models import create_model, param_shapes
-
-TrainState = train_state.TrainState
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or Inf; the run stopped without saving that state."""
-
-
-class ModelMismatchError(ValueError):
-  """A checkpoint's model differs from the configured one."""
-
-
-def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) -> int:
-  """Optimiser steps of the run: ``num_epochs`` (when > 0) over the train split, else num_steps."""
-  if config.train.num_epochs > 0:
-    return max(
-      1, int(np.ceil(config.train.num_epochs * num_train_images / config.train.batch_size))
-    )
-  if config.train.num_steps <= 0:
-    raise ValueError('config.train.num_steps must be > 0 when config.train.num_epochs is 0')
-  return int(config.train.num_steps)
-
-
-def create_learning_rate_schedule(
-  optim: ml_collections.ConfigDict, num_steps: int
-) -> optax.Schedule:
-  """Linear warm-up from 0, then cosine decay to ``end_learning_rate`` at ``num_steps``.
-
-  The per-step form of the official GradualWarmupScheduler + CosineAnnealingLR(eta_min=1e-6).
-  """
-  warmup = min(int(optim.warmup_steps), num_steps - 1)
-  return optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=optim.learning_rate,
-    warmup_steps=max(warmup, 0),
-    decay_steps=num_steps,
-    end_value=optim.end_learning_rate,
-  )
-
-
-def create_optimizer(
-  optim: ml_collections.ConfigDict, schedule: optax.Schedule
-) -> optax.GradientTransformation:
-  """Adam (AdamW when ``weight_decay`` > 0), after optional global-norm clipping."""
-  if optim.weight_decay > 0:
-    opt = optax.adamw(schedule, optim.beta1, optim.beta2, weight_decay=optim.weight_decay)
-  else:
-    opt = optax.adam(schedule, optim.beta1, optim.beta2)
-  if optim.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), opt)
-  return opt
-
-
-def _param_shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
-  """``{'rrg_0/mrb_0/.../kernel': shape}`` for every leaf of a parameter tree."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(x.shape) for path, x in leaves}
-
-
-def _check_params(params: Any, expected: Any, where: str, max_listed: int = 8) -> None:
-  """Raises naming ``where`` and the differing keys unless ``params`` fits ``expected``."""
-  got, want = _param_shapes_by_path(params), _param_shapes_by_path(expected)
-  if got == want:
-    return
-  diff = []
-  for key in sorted(set(got) | set(want)):
-    if key not in want:
-      diff.append(f'{key} (only in the weights)')
-    elif key not in got:
-      diff.append(f'{key} (only in config.model)')
-    elif got[key] != want[key]:
-      diff.append(f'{key}: weights {got[key]}, config.model {want[key]}')
-  listed = '; '.join(diff[:max_listed]) + (
-    f'; ... {len(diff) - max_listed} more' if len(diff) > max_listed else ''
-  )
-  raise ModelMismatchError(
-    f'{where}: its parameters do not fit config.model (different architecture): '
-    f'{len(diff)} keys differ: {listed}; use the same config.model as the run that wrote them'
-  )
-
-
-def create_train_state(
-  config: ml_collections.ConfigDict,
-  model: Any,
-  tx: optax.GradientTransformation,
-  mesh: jax.sharding.Mesh,
-  rng: jax.Array,
-) -> TrainState:
-  """A replicated TrainState: random init, or ``config.train.init_from`` when set.
-
-  Initialisation runs eagerly on a tiny input (jitting MIRNet's init takes minutes).
-  """
-  expected = param_shapes(model)
-  if config.train.init_from:
-    _, params, _ = checkpoints.restore_params(config.train.init_from, 'best')
-    _check_params(params, expected, f'config.train.init_from={config.train.init_from!r}')
-    logging.info('Initialised from %s', config.train.init_from)
-  else:
-    m = model.size_multiple
-    params = model.init(rng, jnp.zeros((1, m, m, 3), jnp.float32))['params']
-  repl = sharding.replicated(mesh)
-  params = jax.device_put(params, repl)
-  opt_state = jax.jit(tx.init, out_shardings=repl)(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), repl)
-  return TrainState(step=step, apply_fn=model.apply, params=params, tx=tx, opt_state=opt_state)
-
-
-def train_step(
-  state: TrainState, batch: Mapping[str, jax.Array], loss_fn: losses.LossFn
-) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step on a global batch; pure (jit it with ``make_train_step``).
-
-  The loss is taken on the output clamped to [0, 1], as the official code does
-  (``torch.clamp(restored, 0, 1)``): pixels already saturated get no gradient.
-  """
-
-  def compute_loss(params):
-    out = state.apply_fn({'params': params}, batch['low'])
-    return loss_fn(jnp.clip(out.astype(jnp.float32), 0.0, 1.0), batch['high'])
-
-  loss, grads = jax.value_and_grad(compute_loss)(state.params)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
-  return state.apply_gradients(grads=grads), metrics
-
-
-def make_train_step(
-  mesh: jax.sharding.Mesh, loss_fn: losses.LossFn
-) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-  """``train_step`` jitted with explicit shardings; the incoming state is donated."""
-  repl = sharding.replicated(mesh)
-  return jax.jit(
-    functools.partial(train_step, loss_fn=loss_fn),
-    in_shardings=(repl, sharding.batch_sharding(mesh)),
-    out_shardings=(repl, repl),
-    donate_argnums=0,
-  )
+from mirnet_jax.models import create_model
+from mirnet_jax.train_state import (  # noqa: F401 - the public names of the trainer
+  ModelMismatchError,
+  NonFiniteLossError,
+  TrainState,
+  _check_params,
+  _param_shapes_by_path,
+  create_learning_rate_schedule,
+  create_optimizer,
+  create_train_state,
+  make_train_step,
+  num_train_steps,
+  train_step,
+)
 
 
 def _split_state(state: TrainState) -> tuple[Any, dict]:
   return state.params, {'step': state.step, 'opt_state': state.opt_state}
 
 
-def _resume(
-  manager: Any, state: TrainState, train_iter: Any, config: ml_collections.ConfigDict
-) -> TrainState:
-  """Restores the latest checkpoint into ``state`` (and ``train_iter``) if there is one."""
-  step = manager.latest_step()
-  if step is None:
-    return state
+def _check_model(manager: Any, step: int, config: ml_collections.ConfigDict) -> None:
+  """Raises ModelMismatchError unless checkpoint ``step`` has the configured model."""
   stored = checkpoints.stored_config(manager, step)['model']
   wanted = config.model.to_dict()
   if stored != wanted:
@@ -183,29 +61,26 @@ def _resume(
       f'{manager.directory}/{step}: the checkpoint was written with a different config.model '
       f'({details}); use a new --workdir or the original config.model'
     )
-  params, opt = checkpoints.restore(manager, step, *_split_state(state), train_iter)
+
+
+def _resume(
+  manager: Any, state: TrainState, train_iter: Any, config: ml_collections.ConfigDict
+) -> TrainState:
+  """Restores the newest readable checkpoint into ``state`` (and ``train_iter``), if any.
+
+  An unreadable checkpoint is moved aside with one warning (``checkpoints.restore_latest``).
+  """
+  restored = checkpoints.restore_latest(
+    manager,
+    *_split_state(state),
+    train_iter,
+    check=lambda step: _check_model(manager, step, config),
+  )
+  if restored is None:
+    return state
+  step, params, opt = restored
   logging.info('Resumed from %s/%d', manager.directory, step)
   return state.replace(params=params, step=opt['step'], opt_state=opt['opt_state'])
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag checked between steps (multi-host: orbax's sync point)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def reached(self, manager: Any, step: int) -> bool:
-    if jax.process_count() > 1:
-      return manager.reached_preemption(step)
-    return self.requested
-
-  def close(self):
-    signal.signal(signal.SIGTERM, self._previous)
 
 
 def _train_iterator(config: ml_collections.ConfigDict, source: Any) -> Any:
@@ -225,50 +100,81 @@ def _train_iterator(config: ml_collections.ConfigDict, source: Any) -> Any:
   )
 
 
-def _eval_iterator(config: ml_collections.ConfigDict, source: Any) -> Any:
+def _eval_iterator(batch_size: int, source: Any) -> Any:
   """One full-resolution pass over ``source`` in padded, masked batches."""
   return pipeline.create_eval_iterator(
     source,
-    global_batch_size=config.data.eval_batch_size,
+    global_batch_size=batch_size,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
 
 
-def _validate(
-  params: Any, eval_step: Any, config: ml_collections.ConfigDict, mesh: Any, source: Any
-) -> tuple[dict, list]:
+def _validate(params: Any, eval_step: Any, config: Any, batch_size: int, mesh: Any, source: Any):
   """Validation means at full resolution and the first (name, low, enhanced, high) images."""
   summary, _, examples = evaluate.evaluate(
     params,
     eval_step,
-    _eval_iterator(config, source),
+    _eval_iterator(batch_size, source),
     mesh=mesh,
     num_examples=config.train.num_grid_images,
   )
   return summary, examples
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def _nonfinite_message(values: dict, at: int, saved: int | None, directory: Any) -> str | None:
+  """The error of a step whose loss, gradient norm or updated parameters are not finite."""
+  bad = [f'{k} is {values[k]}' for k in ('loss', 'grad_norm') if not np.isfinite(values[k])]
+  if values.get('params_finite', 1.0) != 1.0:
+    bad.append('the updated parameters are not finite')
+  if not bad:
+    return None
+  kept = (
+    f'The last good checkpoint, step {saved}, is kept in {directory}.'
+    if saved is not None
+    else f'No checkpoint was written yet (nothing in {directory}).'
+  )
+  return (
+    f'{"; ".join(bad)} at step {at}; stopped without saving this state. {kept} Lower '
+    'config.optim.learning_rate or set config.optim.grad_clip_norm.'
+  )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> TrainState:
   """Trains MIRNet per ``config``, writing checkpoints and summaries under ``workdir``.
 
   Args:
     config: the full config (configs/lol.py schema).
-    workdir: run directory; holds checkpoints/, TensorBoard events, history.jsonl and
-      curves.png. Reusing it resumes the run.
+    workdir: run directory (local or ``gs://...``); holds checkpoints/, TensorBoard events,
+      history.jsonl, curves.png and final_metrics.json. Reusing it resumes the run.
 
   Returns:
     The final train state.
 
   Raises:
-    NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
+    NonFiniteLossError: the loss, gradient norm or parameters became NaN/Inf (the last good
+      checkpoint is kept).
     ModelMismatchError: the workdir's checkpoint or ``init_from`` has another architecture.
   """
-  workdir_path = pathlib.Path(workdir).absolute()
-  workdir_path.mkdir(parents=True, exist_ok=True)
+  try:
+    return _train_and_evaluate(config, workdir)
+  except jax.errors.JaxRuntimeError as e:
+    distributed.check_collective_error(e)  # a lost peer ends the process here, in one line
+    distributed.mark_failed()
+    raise
+  except BaseException:
+    distributed.mark_failed()  # the other processes stop too instead of waiting for this one
+    raise
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> TrainState:
+  workdir_path = paths.as_path(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir_path.mkdir(parents=True, exist_ok=True)
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.train.batch_size, mesh, 'config.train.batch_size')
-  sharding.check_batch_size(config.data.eval_batch_size, mesh, 'config.data.eval_batch_size')
+  eval_batch = sharding.eval_batch_size(config.data.eval_batch_size, mesh)
   model = create_model(config.model)
   loss_fn = losses.create_loss(config.loss)
   train_source = sources.create_source(config.data, 'train')
@@ -284,9 +190,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   manager = checkpoints.create_manager(workdir_path, config.train.keep_checkpoints)
   state = _resume(manager, state, train_iter, config)
   step = int(jax.device_get(state.step))
-  p_train_step = make_train_step(mesh, loss_fn)
-  eval_step = evaluate.make_eval_step(model)
+  saved = step if step > 0 else None  # the newest complete checkpoint
+  p_train_step = distributed.SyncedJit(make_train_step(mesh, loss_fn))
+  eval_step = distributed.SyncedJit(evaluate.make_eval_step(model))
 
+  # Only process 0 writes summaries, history and plots (the others get silent writers).
   writer = summaries.create_writer(workdir_path)
   history = summaries.History(workdir_path / 'history.jsonl')
   if step == 0:
@@ -299,22 +207,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     mesh.devices.size,
     num_train,
   )
-  preemption = _Preemption()
+  preemption = distributed.Preemption()
   progress = summaries.Progress(num_steps, step, config.train.batch_size)
   pending = None  # (step, device metrics) of the last step, fetched one step late
   interval: list[dict] = []
   last_eval = None
 
   def fetch(pending):
-    """Host copy of a step's metrics; stops the run if its loss is not finite."""
+    """Host copy of a step's metrics; stops the run if anything is not finite."""
     at, device_metrics = pending
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    if not np.isfinite(values['loss']):
-      raise NonFiniteLossError(
-        f'loss is {values["loss"]} at step {at}; stopped without saving this state. The last '
-        f'good checkpoint is kept in {manager.directory}. Lower config.optim.learning_rate or '
-        'set config.optim.grad_clip_norm.'
-      )
+    message = _nonfinite_message(values, at, saved, manager.directory)
+    if message:
+      raise NonFiniteLossError(message)
+    values.pop('params_finite', None)
     values['learning_rate'] = float(schedule(at - 1))
     interval.append(values)
     history.add(at, loss=values['loss'])
@@ -342,7 +248,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       eval_metrics = None
       if do_eval:
         with progress.paused():
-          eval_metrics, examples = _validate(state.params, eval_step, config, mesh, eval_source)
+          eval_metrics, examples = _validate(
+            state.params, eval_step, config, eval_batch, mesh, eval_source
+          )
         writer.write_scalars(
           step, {f'eval/{k}': v for k, v in eval_metrics.items() if k != 'num_images'}
         )
@@ -357,10 +265,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         )
       if step % config.train.checkpoint_every_steps == 0 or is_last or do_eval or stop:
         if pending is not None:
-          fetch(pending)  # never save a state whose loss was not checked
+          fetch(pending)  # never save a state that was not checked
           pending = None
         best = None if eval_metrics is None else {'psnr': float(eval_metrics['psnr'])}
         checkpoints.save(manager, step, *_split_state(state), train_iter, config.to_dict(), best)
+        saved = step
       writer.flush()
       if stop:
         logging.warning('SIGTERM: saved step %d in %s; exiting', step, manager.directory)
@@ -373,11 +282,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.flush()
     history.close()
 
-  if jax.process_index() == 0:
+  if is_main:
     summaries.plot_curves(workdir_path / 'history.jsonl', workdir_path / 'curves.png')
   if last_eval is not None and step == num_steps:
     identity = evaluate.make_baseline_step(baselines.identity)
-    dark, _ = _validate(None, identity, config, None, eval_source)
+    dark, _ = _validate(None, identity, config, eval_batch, None, eval_source)
     logging.info(
       'Final validation PSNR %.3f dB, SSIM %.4f; dark input %.3f dB, SSIM %.4f (%+.3f dB)',
       last_eval['psnr'],
@@ -387,7 +296,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       last_eval['psnr'] - dark['psnr'],
     )
     summary = {'step': step, 'validation': last_eval, 'dark_input': dark}
-    if jax.process_index() == 0:
-      (workdir_path / 'final_metrics.json').write_text(json.dumps(summary, indent=2) + '\n')
+    if is_main:
+      paths.write_text_atomic(
+        workdir_path / 'final_metrics.json', json.dumps(summary, indent=2) + '\n'
+      )
   writer.close()
   return state

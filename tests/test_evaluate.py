@@ -65,7 +65,8 @@ def test_baselines_reproduce_the_protocol_table_on_lol(method, lol_data_dir, eva
   config.eval.method = method
   config.eval.num_grids = 1
   assert evaluate.run(config, str(tmp_path)) == 0  # main.py's exit code
-  summary = _check_protocol_outputs(tmp_path / 'eval' / 'test', method, eval15_dir)
+  # The default output directory is named after the split and the method.
+  summary = _check_protocol_outputs(tmp_path / 'eval' / 'test' / method, method, eval15_dir)
   assert summary['data'] == 'lol' and summary['split'] == 'test'
 
 
@@ -129,3 +130,34 @@ def test_eval_without_checkpoint_is_a_clear_error(eval15_dir, tmp_path):
     evaluate.run(config, str(workdir))
   assert str(workdir) in str(info.value) and 'method=identity' in str(info.value)
   assert not (tmp_path / 'out').exists()
+
+
+def test_default_output_dirs_never_overwrite_each_other(eval15_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  assert evaluate.default_output_dir(workdir, 'test', 'model', 'best', 6, 2.2) == (
+    workdir / 'eval' / 'test' / 'step_6'
+  )
+  assert evaluate.default_output_dir(workdir, 'test', 'model', '/w/tiny', 0, 2.2).name == (
+    'export_tiny'
+  )
+  assert evaluate.default_output_dir(workdir, 'val', 'gamma', 'best', 0, 0.45).name == 'gamma_0.45'
+  # Two baselines into one workdir: two directories; a rerun of one is refused, then allowed.
+  config = _folder_config(eval15_dir, tmp_path / 'unused')
+  config.eval.output_dir = ''
+  config.eval.num_grids = 0
+  for method in ('identity', 'autocontrast'):
+    config.eval.method = method
+    assert evaluate.run(config, str(workdir)) == 0
+  summaries = {
+    p.parent.name: json.loads(p.read_text()) for p in (workdir / 'eval').rglob('summary.json')
+  }
+  assert {k: v['method'] for k, v in summaries.items()} == {
+    'identity': 'identity',
+    'autocontrast': 'autocontrast',
+  }
+  before = (workdir / 'eval' / 'test' / 'autocontrast' / 'metrics.csv').read_text()
+  with pytest.raises(FileExistsError, match='--overwrite') as error:
+    evaluate.run(config, str(workdir))
+  assert str(workdir / 'eval' / 'test' / 'autocontrast') in str(error.value)
+  assert (workdir / 'eval' / 'test' / 'autocontrast' / 'metrics.csv').read_text() == before
+  assert evaluate.run(config, str(workdir), overwrite=True) == 0

@@ -158,17 +158,45 @@ def test_predict_needs_input_and_output(tmp_path):
 @pytest.mark.parametrize(
   'env, expected',
   [
-    ({}, False),
-    ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, True),
-    ({'SLURM_NTASKS': '1'}, False),
-    ({'SLURM_NTASKS': '8'}, True),
-    ({'TPU_WORKER_HOSTNAMES': 'localhost'}, False),
-    ({'TPU_WORKER_HOSTNAMES': 'h0,h1'}, True),
+    ({}, None),
+    (
+      {'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234', 'JAX_NUM_PROCESSES': '4', 'JAX_PROCESS_ID': '2'},
+      {'num_processes': 4, 'process_id': 2},
+    ),
+    ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, {}),  # jax asks the cluster for the rest
+    ({'SLURM_NTASKS': '1'}, None),
+    ({'SLURM_NTASKS': '8'}, {}),  # jax reads the SLURM_* variables itself
+    ({'TPU_WORKER_HOSTNAMES': 'localhost'}, None),
+    ({'TPU_WORKER_HOSTNAMES': 'h0,h1'}, {}),
   ],
 )
 def test_multiprocess_detection(monkeypatch, env, expected):
-  for key in ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES'):
+  """What main() hands to jax.distributed.initialize (None: it is not called)."""
+  import jax
+
+  from mirnet_jax import distributed
+
+  for key in (
+    'JAX_COORDINATOR_ADDRESS',
+    'JAX_NUM_PROCESSES',
+    'JAX_PROCESS_ID',
+    'SLURM_NTASKS',
+    'TPU_WORKER_HOSTNAMES',
+  ):
     monkeypatch.delenv(key, raising=False)
   for key, value in env.items():
     monkeypatch.setenv(key, value)
-  assert main._is_multiprocess() is expected
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
+  started = []
+  monkeypatch.setattr(distributed.PeerWatchdog, 'start', lambda self: started.append(self))
+  monkeypatch.setattr(distributed, '_watchdog', None)
+  distributed.initialize()
+  if expected is None:
+    assert calls == [] and started == []
+    return
+  # A heartbeat timeout above the watchdog's, so a lost peer is named before jax aborts.
+  want = {**expected, 'heartbeat_timeout_seconds': distributed.JAX_HEARTBEAT_TIMEOUT_S}
+  assert calls == [want]
+  assert distributed.JAX_HEARTBEAT_TIMEOUT_S > distributed.PEER_TIMEOUT_S
+  assert len(started) == 1

@@ -151,26 +151,96 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, cache_dir):
   assert 'SIGTERM' in err
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir, monkeypatch):
-  del cache_dir
+def _poison_the_fifth_batch(monkeypatch, key: str, value: float) -> None:
+  """Train batches (no 'name'): the 5th, i.e. step 5, gets ``value`` at one pixel of ``key``."""
   to_global = sharding.global_batch
   seen = []
 
   def poisoned(local, mesh):
-    """Train batches (no 'name'): the 5th, i.e. step 5, gets a NaN input pixel."""
     if 'name' not in local:
       seen.append(1)
       if len(seen) == 5:
-        local = {**local, 'low': local['low'].copy()}
-        local['low'][0, 0, 0, 0] = np.nan
+        local = {**local, key: local[key].copy()}
+        local[key][0, 0, 0, 0] = value
     return to_global(local, mesh)
 
   monkeypatch.setattr(sharding, 'global_batch', poisoned)
-  with pytest.raises(train.NonFiniteLossError, match='at step 5'):
+
+
+@jax.custom_vjp
+def _infinite_gradient_if(x, on):
+  return x
+
+
+def _infinite_gradient_fwd(x, on):
+  return x, on
+
+
+def _infinite_gradient_bwd(on, g):
+  return g * jnp.where(on > 0, jnp.inf, 1.0), jnp.zeros_like(on)
+
+
+_infinite_gradient_if.defvjp(_infinite_gradient_fwd, _infinite_gradient_bwd)
+
+
+def _nan_updates_at(count: int) -> optax.GradientTransformation:
+  """Adds NaN to the parameter updates of optimiser step ``count`` (0-based): finite loss and
+  gradient norm, non-finite updated parameters."""
+
+  def update(updates, state, params=None):
+    del params
+    poison = jnp.where(state == count, jnp.nan, 0.0)
+    return jax.tree.map(lambda u: u + poison, updates), state + 1
+
+  return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
+
+
+@pytest.mark.parametrize('what', ['loss', 'grad_norm', 'parameters'])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir, monkeypatch, what):
+  del cache_dir
+  if what == 'loss':
+    _poison_the_fifth_batch(monkeypatch, 'low', np.nan)  # NaN output, NaN loss
+    match = 'loss is nan.* at step 5'
+  elif what == 'grad_norm':
+    # A target marked out of range at step 5: the loss stays finite, its gradient is infinite.
+    _poison_the_fifth_batch(monkeypatch, 'high', 2.0)
+    create_loss = losses.create_loss
+
+    def create_blowing_loss(loss_config):
+      loss_fn = create_loss(loss_config)
+
+      def loss(pred, target):
+        on = (jnp.max(target) > 1.5).astype(jnp.float32)
+        return loss_fn(_infinite_gradient_if(pred, on), target)
+
+      return loss
+
+    monkeypatch.setattr(losses, 'create_loss', create_blowing_loss)
+    match = r'grad_norm is (inf|nan).* at step 5'
+  else:
+    create_optimizer = train.create_optimizer
+    monkeypatch.setattr(
+      train,
+      'create_optimizer',
+      lambda optim, schedule: optax.chain(create_optimizer(optim, schedule), _nan_updates_at(4)),
+    )
+    match = 'the updated parameters are not finite at step 5'
+  with pytest.raises(train.NonFiniteLossError, match=match) as error:
     train.train_and_evaluate(tiny.config(), str(tmp_path))
+  assert 'The last good checkpoint, step 4, is kept in' in str(error.value)
+  assert 'loss is' not in str(error.value) or what == 'loss'
   assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [2, 4]
   params, _ = _params(tmp_path)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_nan_before_any_checkpoint_says_none_was_written(tmp_path, cache_dir, monkeypatch):
+  del cache_dir
+  _poison_the_fifth_batch(monkeypatch, 'low', np.nan)
+  config = tiny.config(train__checkpoint_every_steps=100)
+  with pytest.raises(train.NonFiniteLossError, match='No checkpoint was written yet'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not list((tmp_path / 'checkpoints').iterdir())
 
 
 # ---------------------------------------------------------------------------------------------

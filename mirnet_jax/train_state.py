@@ -1,0 +1,169 @@
+"""The train state and its step: optimiser, learning-rate schedule, initialisation, train_step.
+
+``train.py`` runs the loop; this module holds what one optimiser step is made of, so that the
+step can be built and tested without a workdir.
+"""
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import traverse_util
+from flax.training import train_state
+
+from mirnet_jax import checkpoints, distributed, losses, sharding
+from mirnet_jax.models import param_shapes
+
+TrainState = train_state.TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss, gradient norm or updated parameters became NaN or Inf; that state is not saved."""
+
+
+class ModelMismatchError(ValueError):
+  """A checkpoint's model differs from the configured one."""
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) -> int:
+  """Optimiser steps of the run: ``num_epochs`` (when > 0) over the train split, else num_steps."""
+  if config.train.num_epochs > 0:
+    return max(
+      1, int(np.ceil(config.train.num_epochs * num_train_images / config.train.batch_size))
+    )
+  if config.train.num_steps <= 0:
+    raise ValueError('config.train.num_steps must be > 0 when config.train.num_epochs is 0')
+  return int(config.train.num_steps)
+
+
+def create_learning_rate_schedule(
+  optim: ml_collections.ConfigDict, num_steps: int
+) -> optax.Schedule:
+  """Linear warm-up from 0, then cosine decay to ``end_learning_rate`` at ``num_steps``.
+
+  The per-step form of the official GradualWarmupScheduler + CosineAnnealingLR(eta_min=1e-6).
+  """
+  warmup = min(int(optim.warmup_steps), num_steps - 1)
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=optim.learning_rate,
+    warmup_steps=max(warmup, 0),
+    decay_steps=num_steps,
+    end_value=optim.end_learning_rate,
+  )
+
+
+def create_optimizer(
+  optim: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+  """Adam (AdamW when ``weight_decay`` > 0), after optional global-norm clipping."""
+  if optim.weight_decay > 0:
+    opt = optax.adamw(schedule, optim.beta1, optim.beta2, weight_decay=optim.weight_decay)
+  else:
+    opt = optax.adam(schedule, optim.beta1, optim.beta2)
+  if optim.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), opt)
+  return opt
+
+
+def _param_shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  """``{'rrg_0/mrb_0/.../kernel': shape}`` for every leaf of a parameter tree."""
+  flat = traverse_util.flatten_dict(dict(tree), sep='/')
+  return {key: tuple(x.shape) for key, x in flat.items()}
+
+
+def _check_params(params: Any, expected: Any, where: str, max_listed: int = 8) -> None:
+  """Raises naming ``where`` and the differing keys unless ``params`` fits ``expected``."""
+  got, want = _param_shapes_by_path(params), _param_shapes_by_path(expected)
+  if got == want:
+    return
+  diff = []
+  for key in sorted(set(got) | set(want)):
+    if key not in want:
+      diff.append(f'{key} (only in the weights)')
+    elif key not in got:
+      diff.append(f'{key} (only in config.model)')
+    elif got[key] != want[key]:
+      diff.append(f'{key}: weights {got[key]}, config.model {want[key]}')
+  listed = '; '.join(diff[:max_listed]) + (
+    f'; ... {len(diff) - max_listed} more' if len(diff) > max_listed else ''
+  )
+  raise ModelMismatchError(
+    f'{where}: its parameters do not fit config.model (different architecture): '
+    f'{len(diff)} keys differ: {listed}; use the same config.model as the run that wrote them'
+  )
+
+
+def create_train_state(
+  config: ml_collections.ConfigDict,
+  model: Any,
+  tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  rng: jax.Array,
+) -> TrainState:
+  """A replicated TrainState: random init, or ``config.train.init_from`` when set.
+
+  Initialisation runs eagerly on a tiny input (jitting MIRNet's init takes minutes).
+  """
+  expected = param_shapes(model)
+  if config.train.init_from:
+    _, params, _ = checkpoints.restore_params(config.train.init_from, 'best')
+    _check_params(params, expected, f'config.train.init_from={config.train.init_from!r}')
+    logging.info('Initialised from %s', config.train.init_from)
+  else:
+    m = model.size_multiple
+    params = model.init(rng, jnp.zeros((1, m, m, 3), jnp.float32))['params']
+  distributed.barrier('train_state')  # the slow eager init ends at different times
+  repl = sharding.replicated(mesh)
+  params = jax.device_put(params, repl)
+  opt_state = jax.jit(tx.init, out_shardings=repl)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), repl)
+  return TrainState(step=step, apply_fn=model.apply, params=params, tx=tx, opt_state=opt_state)
+
+
+def train_step(
+  state: TrainState, batch: Mapping[str, jax.Array], loss_fn: losses.LossFn
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step on a global batch; pure (jit it with ``make_train_step``).
+
+  The loss is taken on the output clamped to [0, 1], as the official code does
+  (``torch.clamp(restored, 0, 1)``): pixels already saturated get no gradient.
+  """
+
+  def compute_loss(params):
+    out = state.apply_fn({'params': params}, batch['low'])
+    return loss_fn(jnp.clip(out.astype(jnp.float32), 0.0, 1.0), batch['high'])
+
+  loss, grads = jax.value_and_grad(compute_loss)(state.params)
+  new_state = state.apply_gradients(grads=grads)
+  grad_norm = optax.tree.norm(grads)
+  # The loss is computed from the parameters before the update; a finite loss can still come
+  # with an infinite gradient or overflowing updated parameters, which must never be saved.
+  params_finite = jnp.all(
+    jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_state.params)])
+  )
+  metrics = {
+    'loss': loss,
+    'grad_norm': grad_norm,
+    'params_finite': params_finite.astype(jnp.float32),
+  }
+  return new_state, metrics
+
+
+def make_train_step(
+  mesh: jax.sharding.Mesh, loss_fn: losses.LossFn
+) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+  """``train_step`` jitted with explicit shardings; the incoming state is donated."""
+  repl = sharding.replicated(mesh)
+  return jax.jit(
+    functools.partial(train_step, loss_fn=loss_fn),
+    in_shardings=(repl, sharding.batch_sharding(mesh)),
+    out_shardings=(repl, repl),
+    donate_argnums=0,
+  )
