@@ -177,8 +177,8 @@ RULES: dict[str, Rule] = {
   'eval.gamma': _positive(),
   'eval.num_grids': _int(0, 'no grids', special=(-1,), negative='-1: all images; others refused'),
   'predict.tile_size': _int(0, 'never tile'),
-  'predict.tile_overlap': _int(0, 'tiles abut, no blending'),
-  'predict.bucket': _int(0, "pad only to the model's size multiple"),
+  'predict.tile_overlap': _int(0, 'no mirrored context; tiles abut, no blending'),
+  'predict.bucket': _int(1),  # 1 = pad only to the model's size multiple
   'predict.max_tile_megapixels': _non_negative('tile_size alone bounds the tiles'),
   'predict.jpeg_quality': Rule(int, minimum=1, maximum=100),
 }

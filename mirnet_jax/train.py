@@ -261,7 +261,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
         pending = None
         scalars = {f'train/{k}': float(np.mean([m[k] for m in interval])) for k in interval[0]}
         # Progress has no setter for the batch of its images/s (request filed for summaries.py).
-        progress._batch_size = stage.batch_size
+        progress.set_batch_size(stage.batch_size)
         scalars.update(progress.update(step))
         scalars.update(
           {
