@@ -38,13 +38,14 @@ from mirnet_jax import (
   summaries,
 )
 from mirnet_jax.data import pipeline, sources
-from mirnet_jax.models import create_model
+from mirnet_jax.models import create_model, model_config
 from mirnet_jax.train_state import (  # noqa: F401 - the public names of the trainer
   ModelMismatchError,
   NonFiniteLossError,
   TrainState,
   _check_params,
   _param_shapes_by_path,
+  check_architecture,
   create_learning_rate_schedule,
   create_optimizer,
   create_train_state,
@@ -60,13 +61,17 @@ def _split_state(state: TrainState) -> tuple[Any, dict]:
 
 def _check_model(manager: Any, step: int, config: ml_collections.ConfigDict) -> None:
   """Raises ModelMismatchError unless checkpoint ``step`` has the configured model."""
-  stored = checkpoints.stored_config(manager, step)['model']
-  wanted = config.model.to_dict()
+  where = f'{manager.directory}/{step}'
+  check_architecture(checkpoints.stored_config(manager, step)['model'], config.model, where)
+  # Canonical forms: every default filled in, so a config written before a key existed (arch,
+  # say) still matches the same model.
+  stored = model_config(create_model(checkpoints.stored_config(manager, step)['model']))
+  wanted = model_config(create_model(config.model))
   if stored != wanted:
     diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
     details = ', '.join(f'{k}: {stored.get(k)!r} -> {wanted.get(k)!r}' for k in diff)
     raise ModelMismatchError(
-      f'{manager.directory}/{step}: the checkpoint was written with a different config.model '
+      f'{where}: the checkpoint was written with a different config.model '
       f'({details}); use a new --workdir or the original config.model'
     )
 

@@ -19,6 +19,7 @@ from flax.training import train_state
 
 from mirnet_jax import checkpoints, distributed, losses, schedules, sharding
 from mirnet_jax.models import param_shapes
+from mirnet_jax.models.mirnet import DEFAULT_ARCH
 
 TrainState = train_state.TrainState
 
@@ -92,6 +93,20 @@ def _param_shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
   return {key: tuple(x.shape) for key, x in flat.items()}
 
 
+def check_architecture(stored: Any, wanted: Any, where: str) -> None:
+  """Raises naming both architectures when ``stored`` (a model config) is not ``wanted``'s.
+
+  A stored config without ``arch`` (written before MIRNet-v2 existed) means MIRNet.
+  """
+  stored_arch = stored.get('arch', DEFAULT_ARCH)
+  wanted_arch = wanted.get('arch', DEFAULT_ARCH)
+  if stored_arch != wanted_arch:
+    raise ModelMismatchError(
+      f'{where}: holds a {stored_arch!r} model but config.model.arch is {wanted_arch!r}; '
+      f'use --config.model.arch={stored_arch} (and its config) or other weights'
+    )
+
+
 def _check_params(params: Any, expected: Any, where: str, max_listed: int = 8) -> None:
   """Raises naming ``where`` and the differing keys unless ``params`` fits ``expected``."""
   got, want = _param_shapes_by_path(params), _param_shapes_by_path(expected)
@@ -127,8 +142,10 @@ def create_train_state(
   """
   expected = param_shapes(model)
   if config.train.init_from:
-    _, params, _ = checkpoints.restore_params(config.train.init_from, 'best')
-    _check_params(params, expected, f'config.train.init_from={config.train.init_from!r}')
+    stored, params, _ = checkpoints.restore_params(config.train.init_from, 'best')
+    where = f'config.train.init_from={config.train.init_from!r}'
+    check_architecture(stored, config.model, where)
+    _check_params(params, expected, where)
     logging.info('Initialised from %s', config.train.init_from)
   else:
     m = model.size_multiple
