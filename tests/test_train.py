@@ -298,7 +298,8 @@ def official_export(tmp_path_factory, fixtures_dir):
 def test_init_from_converted_weights(official_export):
   fields = json.loads((official_export / checkpoints.MODEL_JSON).read_text())
   model = {f'model__{k}': v for k, v in fields.items()}
-  config = tiny.config(train__init_from=str(official_export), model__reduction=8, **model)
+  # model.json holds every model field (reduction included since exports carry the full config).
+  config = tiny.config(train__init_from=str(official_export), **{'model__reduction': 8, **model})
   state = _initial_state(config)
   _, want = checkpoints.load_export(official_export)
   _assert_trees_equal(state.params, want)
