@@ -50,6 +50,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.mixup = True  # MixUp of training pairs (one lambda for low and high)
   config.data.mixup_alpha = 1.2  # Beta(alpha, alpha) of the MixUp lambda
   config.data.mixup_start_step = 0  # first train step that applies MixUp (steps)
+  # 'per_image' (MIRNet: a lambda per image, every batch) | 'batch_or_identity' (BasicSR's
+  # Mixing_Augment with use_identity, MIRNet-v2: one lambda per batch, half the batches).
+  config.data.mixup_mode = 'per_image'
   config.data.num_workers = 2  # grain worker processes per host (0 = in-process)
   config.data.eval_batch_size = 4  # global images per eval batch (full resolution)
   config.data.cache = False  # decode every record of each split once into host memory (bool)
@@ -64,6 +67,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 2  # latest checkpoints kept (plus the best by eval PSNR)
   config.train.num_grid_images = 4  # validation images shown as low | enhanced | high grids
   config.train.init_from = ''  # converted-weights dir or another run's workdir ('' = random)
+  # Progressive training (MIRNet-v2, configs/lol_v2.py): stage j runs stage_steps[j] steps of
+  # stage_crop_sizes[j]-pixel crops in global batches of stage_batch_sizes[j]; the last stage
+  # runs to the end. Empty: no stages (data.crop_size and train.batch_size throughout).
+  config.train.stage_steps = ()  # steps per stage (steps)
+  config.train.stage_crop_sizes = ()  # training crop side per stage (pixels)
+  config.train.stage_batch_sizes = ()  # global images per step per stage (images)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 2e-4  # peak learning rate (per step, Adam)
@@ -73,10 +82,17 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.optim.beta2 = 0.999  # Adam second-moment decay (dimensionless)
   config.optim.weight_decay = 0.0  # decoupled weight decay per step (AdamW; 0 = plain Adam)
   config.optim.grad_clip_norm = 0.0  # global L2 norm gradients are clipped to (0 = off)
+  # 'warmup_cosine' (warmup_steps, then cosine to end_learning_rate) | 'cosine_restart_cyclic'
+  # (BasicSR's CosineAnnealingRestartCyclicLR over the restart_* keys, configs/lol_v2.py).
+  config.optim.schedule = 'warmup_cosine'
+  config.optim.restart_periods = ()  # cosine_restart_cyclic: length of each cycle (steps)
+  config.optim.restart_weights = ()  # cosine_restart_cyclic: scale of each cycle (dimensionless)
+  config.optim.restart_eta_mins = ()  # cosine_restart_cyclic: minimum of each cycle (rate)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.name = 'charbonnier'  # 'charbonnier' | 'l1' | 'mse' | 'rmse'
   config.loss.charbonnier_eps = 1e-3  # epsilon of the Charbonnier loss (image units, [0, 1])
+  config.loss.clamp_output = True  # loss on the output clamped to [0, 1] (MIRNet; bool)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.checkpoint = 'best'  # 'best' | 'latest' | a step | a converted-weights directory

@@ -2,9 +2,12 @@
 
 A value that the trainer would only trip over later (``log_every_steps=0`` divides by zero at
 step 1, after the whole compile) is refused here, in one line naming the key. ``RULES`` is the
-table of every numeric key of configs/lol.py (and its variants, demo.py, sice.py): its type, its
-bounds, and what 0 and negative values mean (``REFUSED`` when they are errors). ``check`` applies
-it, plus the rules that tie keys together (``_CROSS_CHECKS``) and ``model.dtype``.
+table of every numeric key of configs/lol.py (and its variants, demo.py, sice.py, lol_v2.py): its
+type, its bounds, and what 0 and negative values mean (``REFUSED`` when they are errors); a
+tuple key (the progressive stages, the restart cycles) applies its rule to every element.
+``V2_MODEL_RULES`` replaces the model rows for ``model.arch='mirnet_v2'``. ``check`` applies
+them, plus the rules that tie keys together (``_CROSS_CHECKS``: stage and cycle tables, crop
+multiples), the names of the non-numeric choices (``CHOICES``) and the booleans.
 
 A numeric key without a rule is not an error at run time (``unchecked_keys`` lists it and
 main.py logs a warning), but tests/test_config_checks.py fails on it, so a new key cannot land
@@ -20,6 +23,15 @@ from typing import Any
 
 REFUSED = 'refused'
 SUPPORTED_DTYPES = ('float32', 'bfloat16')
+V2_SIZE_MULTIPLE = 4  # MIRNet-v2's two x2 down-samplings (models/mirnet_v2.py SIZE_MULTIPLE)
+
+# Non-numeric keys with a closed set of values (model.dtype has its own messages below).
+CHOICES: dict[str, tuple[str, ...]] = {
+  'model.arch': ('mirnet', 'mirnet_v2'),
+  'optim.schedule': ('warmup_cosine', 'cosine_restart_cyclic'),
+  'data.mixup_mode': ('per_image', 'batch_or_identity'),
+}
+BOOLEANS = ('data.mixup', 'data.cache', 'loss.clamp_output', 'eval.save_images', 'eval.gt_mean')
 
 
 class ConfigError(ValueError):
@@ -148,6 +160,9 @@ RULES: dict[str, Rule] = {
   'train.checkpoint_every_steps': _int(1),
   'train.keep_checkpoints': _int(1),
   'train.num_grid_images': _int(0, 'no validation grids'),
+  'train.stage_steps': _int(1),
+  'train.stage_crop_sizes': _int(1),
+  'train.stage_batch_sizes': _int(1),
   'optim.learning_rate': _positive(),
   'optim.end_learning_rate': _non_negative('decay to 0'),
   'optim.warmup_steps': _int(0, 'no warm-up'),
@@ -155,14 +170,40 @@ RULES: dict[str, Rule] = {
   'optim.beta2': Rule(float, minimum=0, below=1, zero='no second-moment averaging'),
   'optim.weight_decay': _non_negative('plain Adam'),
   'optim.grad_clip_norm': _non_negative('no clipping'),
+  'optim.restart_periods': _int(1),
+  'optim.restart_weights': _non_negative('that cycle stays at its minimum'),
+  'optim.restart_eta_mins': _non_negative('that cycle decays to 0'),
   'loss.charbonnier_eps': _positive(),
   'eval.gamma': _positive(),
   'eval.num_grids': _int(0, 'no grids', special=(-1,), negative='-1: all images; others refused'),
   'predict.tile_size': _int(0, 'never tile'),
-  'predict.tile_overlap': _int(0, 'tiles abut, no blending'),
-  'predict.bucket': _int(0, "pad only to the model's size multiple"),
+  'predict.tile_overlap': _int(0, 'no mirrored context; tiles abut, no blending'),
+  'predict.bucket': _int(1),  # 1 = pad only to the model's size multiple
+  'predict.max_tile_megapixels': _non_negative('tile_size alone bounds the tiles'),
   'predict.jpeg_quality': Rule(int, minimum=1, maximum=100),
 }
+
+
+# model.arch='mirnet_v2' (configs/lol_v2.py): its model keys, in place of MIRNet's.
+V2_MODEL_RULES: dict[str, Rule] = {
+  'model.num_features': _int(1),
+  'model.channel_factor': _positive(),
+  'model.num_mrb': _int(1),
+  'model.reduction': _int(1),
+}
+
+
+def _arch(config: Mapping[str, Any]) -> str:
+  model = config.get('model', {})
+  return model.get('arch', 'mirnet') if hasattr(model, 'get') else 'mirnet'
+
+
+def rules_for(config: Mapping[str, Any]) -> dict[str, Rule]:
+  """``RULES`` with the model rows of ``config``'s architecture."""
+  if _arch(config) != 'mirnet_v2':
+    return RULES
+  rules = {k: v for k, v in RULES.items() if not k.startswith('model.')}
+  return {**rules, **V2_MODEL_RULES}
 
 
 def _leaves(tree: Mapping[str, Any], prefix: str = '') -> Iterator[tuple[str, Any]]:
@@ -182,7 +223,8 @@ def _is_numeric(value: Any) -> bool:
 
 def unchecked_keys(config: Mapping[str, Any]) -> list[str]:
   """Numeric keys of ``config`` that have no rule in ``RULES`` (a test keeps this empty)."""
-  return [key for key, value in _leaves(config) if _is_numeric(value) and key not in RULES]
+  rules = rules_for(config)
+  return [key for key, value in _leaves(config) if _is_numeric(value) and key not in rules]
 
 
 def _dtype_errors(config: Mapping[str, Any]) -> Iterator[str]:
@@ -196,8 +238,55 @@ def _dtype_errors(config: Mapping[str, Any]) -> Iterator[str]:
     yield f'config.model.dtype={dtype!r}: must be one of {", ".join(SUPPORTED_DTYPES)}'
 
 
+def _choice_errors(config: Mapping[str, Any]) -> Iterator[str]:
+  leaves = dict(_leaves(config))
+  for key, known in CHOICES.items():
+    if key in leaves and leaves[key] not in known:
+      yield f'config.{key}={leaves[key]!r}: unknown; must be one of {", ".join(known)}'
+  for key in BOOLEANS:
+    if key in leaves and not isinstance(leaves[key], bool):
+      yield f'config.{key}={leaves[key]!r}: must be True or False'
+
+
+def _size_multiple(model: Mapping[str, Any]) -> tuple[int, str]:
+  """What training crops must be multiples of, and why."""
+  if model.get('arch', 'mirnet') == 'mirnet_v2':
+    return V2_SIZE_MULTIPLE, "MIRNet-v2's two x2 down-samplings"
+  return 2 ** (model['height'] - 1), '2**(config.model.height - 1), the coarsest stream'
+
+
+def _crop_errors(config: Mapping[str, Any]) -> Iterator[str]:
+  multiple, why = _size_multiple(config['model'])
+  crop = config['data']['crop_size']
+  if crop % multiple:
+    yield f'config.data.crop_size={crop}: must be a multiple of {multiple} ({why})'
+  crops = tuple(config['train'].get('stage_crop_sizes', ()))
+  if any(c % multiple for c in crops):
+    yield f'config.train.stage_crop_sizes={crops}: each must be a multiple of {multiple} ({why})'
+
+
+def _stage_errors(config: Mapping[str, Any]) -> Iterator[str]:
+  train = config['train']
+  steps, crops, batches = (
+    tuple(train.get(k, ())) for k in ('stage_steps', 'stage_crop_sizes', 'stage_batch_sizes')
+  )
+  if not len(steps) == len(crops) == len(batches):
+    yield (
+      f'config.train.stage_steps/stage_crop_sizes/stage_batch_sizes: must have the same length '
+      f'(one entry per stage); got {len(steps)}, {len(crops)}, {len(batches)}'
+    )
+  elif steps and train['num_epochs'] > 0:
+    # The recipe counts iterations: stages of different batches have no common epoch length.
+    yield (
+      f'config.train.num_epochs={train["num_epochs"]:g}: progressive stages count steps; set '
+      'config.train.num_epochs=0 and config.train.num_steps (the stages run to num_steps)'
+    )
+
+
 def _model_errors(config: Mapping[str, Any]) -> Iterator[str]:
   model = config['model']
+  if model.get('arch', 'mirnet') == 'mirnet_v2':
+    return  # MIRNetV2.check_config checks its channel arithmetic when the model is made
   if model['kernel_size'] % 2 == 0:
     yield f'config.model.kernel_size={model["kernel_size"]}: must be odd (same-size convolutions)'
   if model['reduction'] > model['num_features']:
@@ -205,17 +294,21 @@ def _model_errors(config: Mapping[str, Any]) -> Iterator[str]:
       f'config.model.reduction={model["reduction"]}: must be <= config.model.num_features '
       f'({model["num_features"]}), or attention has no channels'
     )
-  multiple = 2 ** (model['height'] - 1)
-  crop = config['data']['crop_size']
-  if crop % multiple:
-    yield (
-      f'config.data.crop_size={crop}: must be a multiple of {multiple} '
-      f'(2**(config.model.height - 1), the coarsest stream)'
-    )
 
 
 def _optim_errors(config: Mapping[str, Any]) -> Iterator[str]:
   optim = config['optim']
+  if optim.get('schedule', 'warmup_cosine') == 'cosine_restart_cyclic':
+    cycles = tuple(
+      tuple(optim[k]) for k in ('restart_periods', 'restart_weights', 'restart_eta_mins')
+    )
+    if not len(cycles[0]) == len(cycles[1]) == len(cycles[2]) >= 1:
+      yield (
+        'config.optim.restart_periods/restart_weights/restart_eta_mins: must have the same '
+        f'length >= 1 (one entry per cycle) for cosine_restart_cyclic; got '
+        f'{", ".join(str(len(c)) for c in cycles)}'
+      )
+    return  # end_learning_rate belongs to warmup_cosine
   if optim['end_learning_rate'] > optim['learning_rate']:
     yield (
       f'config.optim.end_learning_rate={optim["end_learning_rate"]:g}: must be <= '
@@ -235,6 +328,8 @@ def _predict_errors(config: Mapping[str, Any]) -> Iterator[str]:
 _CROSS_CHECKS: tuple[Callable[[Mapping[str, Any]], Iterator[str]], ...] = (
   _dtype_errors,
   _model_errors,
+  _crop_errors,
+  _stage_errors,
   _optim_errors,
   _predict_errors,
 )
@@ -242,9 +337,10 @@ _CROSS_CHECKS: tuple[Callable[[Mapping[str, Any]], Iterator[str]], ...] = (
 
 def errors(config: Mapping[str, Any]) -> list[str]:
   """Every problem of ``config``, one message per bad key (empty when all is well)."""
-  found = []
+  found = list(_choice_errors(config))
+  rules = rules_for(config)
   for key, value in _leaves(config):
-    rule = RULES.get(key)
+    rule = rules.get(key)
     if rule is None:
       continue
     values = value if isinstance(value, list | tuple) else [value]

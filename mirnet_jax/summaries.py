@@ -156,6 +156,10 @@ class Progress:
     if self._clu is not None:
       self._clu(step, t=self._last[1])  # its first call only starts its clock
 
+  def set_batch_size(self, batch_size: int) -> None:
+    """Images per step from now on (progressive training changes it at stage boundaries)."""
+    self._batch_size = int(batch_size)
+
   def _clock(self) -> float:
     """Seconds of training: monotonic time minus the time spent in ``paused`` blocks."""
     return time.monotonic() - self._paused_secs

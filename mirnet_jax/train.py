@@ -8,6 +8,12 @@ scheme). A rerun with the same workdir resumes from the newest readable checkpoi
 number of processes); SIGTERM saves and stops (on several processes at orbax's preemption sync
 point); a non-finite loss, gradient norm or parameter stops without saving the bad state.
 
+Progressive training (MIRNet-v2's recipe, ``config.train.stage_*``): the crop size and global
+batch change at stage boundaries; ``stages.py`` opens one train iterator per stage and jit
+compiles the step once per stage shape. The checkpointed iterator state is the global step, so
+a rerun resumes inside any stage. The learning rate follows ``config.optim.schedule`` by global
+step.
+
 The state and its step live in ``train_state.py`` and are re-exported here.
 """
 
@@ -26,17 +32,20 @@ from mirnet_jax import (
   evaluate,
   losses,
   paths,
+  schedules,
   sharding,
+  stages,
   summaries,
 )
 from mirnet_jax.data import pipeline, sources
-from mirnet_jax.models import create_model
+from mirnet_jax.models import create_model, model_config
 from mirnet_jax.train_state import (  # noqa: F401 - the public names of the trainer
   ModelMismatchError,
   NonFiniteLossError,
   TrainState,
   _check_params,
   _param_shapes_by_path,
+  check_architecture,
   create_learning_rate_schedule,
   create_optimizer,
   create_train_state,
@@ -52,13 +61,17 @@ def _split_state(state: TrainState) -> tuple[Any, dict]:
 
 def _check_model(manager: Any, step: int, config: ml_collections.ConfigDict) -> None:
   """Raises ModelMismatchError unless checkpoint ``step`` has the configured model."""
-  stored = checkpoints.stored_config(manager, step)['model']
-  wanted = config.model.to_dict()
+  where = f'{manager.directory}/{step}'
+  check_architecture(checkpoints.stored_config(manager, step)['model'], config.model, where)
+  # Canonical forms: every default filled in, so a config written before a key existed (arch,
+  # say) still matches the same model.
+  stored = model_config(create_model(checkpoints.stored_config(manager, step)['model']))
+  wanted = model_config(create_model(config.model))
   if stored != wanted:
     diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
     details = ', '.join(f'{k}: {stored.get(k)!r} -> {wanted.get(k)!r}' for k in diff)
     raise ModelMismatchError(
-      f'{manager.directory}/{step}: the checkpoint was written with a different config.model '
+      f'{where}: the checkpoint was written with a different config.model '
       f'({details}); use a new --workdir or the original config.model'
     )
 
@@ -83,21 +96,30 @@ def _resume(
   return state.replace(params=params, step=opt['step'], opt_state=opt['opt_state'])
 
 
-def _train_iterator(config: ml_collections.ConfigDict, source: Any) -> Any:
-  """This process's grain iterator of training batches (endless, checkpointable)."""
-  d = config.data
-  return pipeline.create_train_iterator(
+def _train_iterator(config: ml_collections.ConfigDict, source: Any, run_stages: Any) -> Any:
+  """This process's iterator of training batches (endless, checkpointable, stage by stage)."""
+  return stages.create_staged_iterator(
+    config,
     source,
-    crop_size=d.crop_size,
-    global_batch_size=config.train.batch_size,
-    seed=config.seed,
-    mixup=d.mixup,
-    mixup_alpha=d.mixup_alpha,
-    mixup_start_step=d.mixup_start_step,
-    num_workers=d.num_workers,
+    run_stages,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
+
+
+def _run_stages(config: ml_collections.ConfigDict, num_steps: int, mesh: Any) -> tuple:
+  """The run's stages; the start-up error names the key when a batch does not fit the mesh."""
+  if not tuple(config.train.get('stage_steps', ())):
+    sharding.check_batch_size(config.train.batch_size, mesh, 'config.train.batch_size')
+  run_stages = schedules.progressive_stages(config, num_steps, batch_multiple=mesh.devices.size)
+  if len(run_stages) < len(config.train.get('stage_steps', ())):
+    logging.warning(
+      'config.train.num_steps=%d ends in stage %d of %d: the later stages do not run',
+      num_steps,
+      len(run_stages),
+      len(config.train.stage_steps),
+    )
+  return run_stages
 
 
 def _eval_iterator(batch_size: int, source: Any) -> Any:
@@ -173,7 +195,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
   if is_main:
     workdir_path.mkdir(parents=True, exist_ok=True)
   mesh = sharding.create_mesh()
-  sharding.check_batch_size(config.train.batch_size, mesh, 'config.train.batch_size')
   eval_batch = sharding.eval_batch_size(config.data.eval_batch_size, mesh)
   model = create_model(config.model)
   loss_fn = losses.create_loss(config.loss)
@@ -181,17 +202,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
   eval_source = sources.create_source(config.data, 'validation')
   num_train = len(train_source)
   num_steps = num_train_steps(config, num_train)
+  run_stages = _run_stages(config, num_steps, mesh)
   schedule = create_learning_rate_schedule(config.optim, num_steps)
   tx = create_optimizer(config.optim, schedule)
   root = jax.random.key(config.seed)
   state = create_train_state(config, model, tx, mesh, jax.random.fold_in(root, 0))
 
-  train_iter = _train_iterator(config, train_source)
+  train_iter = _train_iterator(config, train_source, run_stages)
   manager = checkpoints.create_manager(workdir_path, config.train.keep_checkpoints)
   state = _resume(manager, state, train_iter, config)
   step = int(jax.device_get(state.step))
   saved = step if step > 0 else None  # the newest complete checkpoint
-  p_train_step = distributed.SyncedJit(make_train_step(mesh, loss_fn))
+  p_train_step = distributed.SyncedJit(
+    make_train_step(mesh, loss_fn, config.loss.get('clamp_output', True))
+  )
   eval_step = distributed.SyncedJit(evaluate.make_eval_step(model))
 
   # Only process 0 writes summaries, history and plots (the others get silent writers).
@@ -200,15 +224,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
   if step == 0:
     writer.write_hparams(summaries.flatten_config(config.to_dict()))
   logging.info(
-    'Training %d steps (from step %d), %d images per step over %d device(s); %d train images',
+    'Training %d steps (from step %d), %s images per step over %d device(s); %d train images',
     num_steps,
     step,
-    config.train.batch_size,
+    '/'.join(str(s.batch_size) for s in run_stages),
     mesh.devices.size,
     num_train,
   )
   preemption = distributed.Preemption()
-  progress = summaries.Progress(num_steps, step, config.train.batch_size)
+  stage = schedules.stage_at(run_stages, step)
+  progress = summaries.Progress(num_steps, step, stage.batch_size)
   pending = None  # (step, device metrics) of the last step, fetched one step late
   interval: list[dict] = []
   last_eval = None
@@ -227,6 +252,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
 
   try:
     while step < num_steps:
+      stage = schedules.stage_at(run_stages, step)  # of the step about to run
       batch = sharding.global_batch(next(train_iter), mesh)
       state, device_metrics = p_train_step(state, batch)
       step += 1
@@ -239,9 +265,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
         fetch(pending)
         pending = None
         scalars = {f'train/{k}': float(np.mean([m[k] for m in interval])) for k in interval[0]}
+        # Progress has no setter for the batch of its images/s (request filed for summaries.py).
+        progress.set_batch_size(stage.batch_size)
         scalars.update(progress.update(step))
+        scalars.update(
+          {
+            'train/stage': float(stage.index),
+            'train/crop_size': float(stage.crop_size),
+            'train/batch_size': float(stage.batch_size),
+          }
+        )
         writer.write_scalars(step, scalars)
-        logging.info('%s', progress.line(step, scalars['train/loss']))
+        line = progress.line(step, scalars['train/loss'])
+        if len(run_stages) > 1:
+          line += (
+            f'  stage {stage.index + 1}/{len(run_stages)} '
+            f'({stage.crop_size}px x {stage.batch_size})'
+          )
+        logging.info('%s', line)
         interval = []
       eval_every = config.train.eval_every_steps
       do_eval = is_last or (eval_every > 0 and step % eval_every == 0)

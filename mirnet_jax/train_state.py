@@ -17,8 +17,9 @@ from absl import logging
 from flax import traverse_util
 from flax.training import train_state
 
-from mirnet_jax import checkpoints, distributed, losses, sharding
+from mirnet_jax import checkpoints, distributed, losses, schedules, sharding
 from mirnet_jax.models import param_shapes
+from mirnet_jax.models.mirnet import DEFAULT_ARCH
 
 TrainState = train_state.TrainState
 
@@ -42,13 +43,27 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) ->
   return int(config.train.num_steps)
 
 
+SCHEDULES = ('warmup_cosine', 'cosine_restart_cyclic')
+
+
 def create_learning_rate_schedule(
   optim: ml_collections.ConfigDict, num_steps: int
 ) -> optax.Schedule:
-  """Linear warm-up from 0, then cosine decay to ``end_learning_rate`` at ``num_steps``.
+  """The learning rate per optimiser step, as ``config.optim.schedule`` names it.
 
-  The per-step form of the official GradualWarmupScheduler + CosineAnnealingLR(eta_min=1e-6).
+  'warmup_cosine' (the default, also for configs without the key): linear warm-up from 0, then
+  cosine decay to ``end_learning_rate`` at ``num_steps``, the per-step form of MIRNet's
+  GradualWarmupScheduler + CosineAnnealingLR(eta_min=1e-6). 'cosine_restart_cyclic': BasicSR's
+  CosineAnnealingRestartCyclicLR over ``restart_*`` (MIRNet-v2, ``schedules.py``).
+
+  Raises:
+    ValueError: unknown schedule name (the message names the key).
   """
+  name = optim.get('schedule', 'warmup_cosine')
+  if name == 'cosine_restart_cyclic':
+    return schedules.cosine_restart_cyclic_from_config(optim)
+  if name != 'warmup_cosine':
+    raise ValueError(f'config.optim.schedule={name!r}: must be one of {", ".join(SCHEDULES)}')
   warmup = min(int(optim.warmup_steps), num_steps - 1)
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
@@ -76,6 +91,20 @@ def _param_shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
   """``{'rrg_0/mrb_0/.../kernel': shape}`` for every leaf of a parameter tree."""
   flat = traverse_util.flatten_dict(dict(tree), sep='/')
   return {key: tuple(x.shape) for key, x in flat.items()}
+
+
+def check_architecture(stored: Any, wanted: Any, where: str) -> None:
+  """Raises naming both architectures when ``stored`` (a model config) is not ``wanted``'s.
+
+  A stored config without ``arch`` (written before MIRNet-v2 existed) means MIRNet.
+  """
+  stored_arch = stored.get('arch', DEFAULT_ARCH)
+  wanted_arch = wanted.get('arch', DEFAULT_ARCH)
+  if stored_arch != wanted_arch:
+    raise ModelMismatchError(
+      f'{where}: holds a {stored_arch!r} model but config.model.arch is {wanted_arch!r}; '
+      f'use --config.model.arch={stored_arch} (and its config) or other weights'
+    )
 
 
 def _check_params(params: Any, expected: Any, where: str, max_listed: int = 8) -> None:
@@ -113,8 +142,10 @@ def create_train_state(
   """
   expected = param_shapes(model)
   if config.train.init_from:
-    _, params, _ = checkpoints.restore_params(config.train.init_from, 'best')
-    _check_params(params, expected, f'config.train.init_from={config.train.init_from!r}')
+    stored, params, _ = checkpoints.restore_params(config.train.init_from, 'best')
+    where = f'config.train.init_from={config.train.init_from!r}'
+    check_architecture(stored, config.model, where)
+    _check_params(params, expected, where)
     logging.info('Initialised from %s', config.train.init_from)
   else:
     m = model.size_multiple
@@ -128,17 +159,24 @@ def create_train_state(
 
 
 def train_step(
-  state: TrainState, batch: Mapping[str, jax.Array], loss_fn: losses.LossFn
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  loss_fn: losses.LossFn,
+  clamp_output: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a global batch; pure (jit it with ``make_train_step``).
 
-  The loss is taken on the output clamped to [0, 1], as the official code does
-  (``torch.clamp(restored, 0, 1)``): pixels already saturated get no gradient.
+  With ``clamp_output`` (``config.loss.clamp_output``, MIRNet) the loss is taken on the output
+  clamped to [0, 1], as the official MIRNet code does (``torch.clamp(restored, 0, 1)``): pixels
+  already saturated get no gradient. Without it (MIRNet-v2's BasicSR loop) the loss sees the
+  raw output.
   """
 
   def compute_loss(params):
-    out = state.apply_fn({'params': params}, batch['low'])
-    return loss_fn(jnp.clip(out.astype(jnp.float32), 0.0, 1.0), batch['high'])
+    out = state.apply_fn({'params': params}, batch['low']).astype(jnp.float32)
+    if clamp_output:
+      out = jnp.clip(out, 0.0, 1.0)
+    return loss_fn(out, batch['high'])
 
   loss, grads = jax.value_and_grad(compute_loss)(state.params)
   new_state = state.apply_gradients(grads=grads)
@@ -157,12 +195,15 @@ def train_step(
 
 
 def make_train_step(
-  mesh: jax.sharding.Mesh, loss_fn: losses.LossFn
+  mesh: jax.sharding.Mesh, loss_fn: losses.LossFn, clamp_output: bool = True
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-  """``train_step`` jitted with explicit shardings; the incoming state is donated."""
+  """``train_step`` jitted with explicit shardings; the incoming state is donated.
+
+  jit compiles once per batch shape: once per progressive stage, never per step.
+  """
   repl = sharding.replicated(mesh)
   return jax.jit(
-    functools.partial(train_step, loss_fn=loss_fn),
+    functools.partial(train_step, loss_fn=loss_fn, clamp_output=clamp_output),
     in_shardings=(repl, sharding.batch_sharding(mesh)),
     out_shardings=(repl, repl),
     donate_argnums=0,

@@ -16,6 +16,8 @@ CONFIGS = [
   ('demo.py', ''),
   ('sice.py', ''),
   ('sice.py', 'seed'),
+  ('lol_v2.py', ''),
+  ('lol_v2.py', 'fixed'),
 ]
 
 
@@ -56,8 +58,8 @@ def test_every_rule_names_a_key_of_the_paper_config():
 
 def test_a_new_numeric_key_without_a_rule_is_reported():
   tree = _with(_load('demo.py'), 'data.cache_size', 3)
-  tree['train']['stage_steps'] = (10, 20)
-  assert config_checks.unchecked_keys(tree) == ['data.cache_size', 'train.stage_steps']
+  tree['train']['stage_repeats'] = (10, 20)
+  assert config_checks.unchecked_keys(tree) == ['data.cache_size', 'train.stage_repeats']
   # Strings and booleans need no numeric rule.
   assert config_checks.unchecked_keys(_with(_load('demo.py'), 'data.cache', True)) == []
 
@@ -154,6 +156,83 @@ def test_table_has_a_row_per_rule():
 
 def test_another_model_section_still_gets_its_dtype_checked():
   """A model section of another shape (no kernel_size, ...) skips the MIRNet size rules only."""
-  tree = _with(_load('demo.py'), 'model', {'arch': 'other', 'dtype': 'float16', 'num_features': 8})
+  model = {'arch': 'mirnet_v2', 'dtype': 'float16', 'num_features': 8}
+  tree = _with(_load('demo.py'), 'model', model)
   found = config_checks.errors(tree)
   assert len(found) == 1 and found[0].startswith("config.model.dtype='float16'"), found
+
+
+@pytest.mark.parametrize(
+  'key, value, needle',
+  [
+    ('model.arch', 'mirnet_v3', "config.model.arch='mirnet_v3': unknown; must be one of mirnet, "),
+    ('optim.schedule', 'step', "config.optim.schedule='step': unknown; must be one of warmup_"),
+    ('data.mixup_mode', 'cutmix', "config.data.mixup_mode='cutmix': unknown; must be one of per_"),
+    ('data.cache', 1, 'config.data.cache=1: must be True or False'),
+    ('train.stage_batch_sizes', (8, 0), 'config.train.stage_batch_sizes=(8, 0): must be an int'),
+    ('train.stage_steps', (5, 2.5), 'config.train.stage_steps=(5, 2.5): must be an integer >= 1'),
+    ('optim.restart_periods', (10, 0), 'config.optim.restart_periods=(10, 0): must be an integer'),
+    ('optim.restart_eta_mins', (-1e-6,), 'config.optim.restart_eta_mins=(-1e-06,): must be a fin'),
+    ('optim.restart_weights', (1.0, -0.5), 'config.optim.restart_weights=(1.0, -0.5): must be'),
+  ],
+)
+def test_new_keys_bad_values_are_named(key, value, needle):
+  with pytest.raises(config_checks.ConfigError) as e:
+    config_checks.check(_with(_load('lol_v2.py'), key, value))
+  assert needle in str(e.value)
+
+
+@pytest.mark.parametrize(
+  'changes, needle',
+  [
+    (
+      {'train.stage_crop_sizes': (128, 160)},
+      'config.train.stage_steps/stage_crop_sizes/stage_batch_sizes: must have the same length '
+      '(one entry per stage); got 6, 2, 6',
+    ),
+    (
+      {'train.stage_crop_sizes': (128, 160, 192, 256, 320, 382)},
+      'config.train.stage_crop_sizes=(128, 160, 192, 256, 320, 382): each must be a multiple '
+      "of 4 (MIRNet-v2's two x2 down-samplings)",
+    ),
+    ({'data.crop_size': 126}, 'config.data.crop_size=126: must be a multiple of 4'),
+    (
+      {'optim.restart_eta_mins': (3e-4,)},
+      'config.optim.restart_periods/restart_weights/restart_eta_mins: must have the same length '
+      '>= 1 (one entry per cycle) for cosine_restart_cyclic; got 2, 2, 1',
+    ),
+    (
+      {'train.num_epochs': 10.0},
+      'config.train.num_epochs=10: progressive stages count steps; set config.train.num_epochs=0',
+    ),
+    ({'model.channel_factor': 0.0}, 'config.model.channel_factor=0.0: must be a finite number > 0'),
+  ],
+)
+def test_stage_and_cycle_tables_are_checked_together(changes, needle):
+  tree = _load('lol_v2.py').to_dict()
+  for key, value in changes.items():
+    tree = _with(_DictConfig(tree), key, value)
+  found = config_checks.errors(tree)
+  assert any(needle in message for message in found), found
+
+
+class _DictConfig(dict):
+  """A dict with ConfigDict's ``to_dict`` (``_with`` copies through it)."""
+
+  def to_dict(self):
+    return dict(self)
+
+
+def test_new_keys_defaults_and_v2_values_pass():
+  lol = _load('lol.py')
+  assert (lol.optim.schedule, lol.data.mixup_mode, lol.loss.clamp_output) == (
+    'warmup_cosine',
+    'per_image',
+    True,
+  )
+  assert lol.train.stage_steps == lol.train.stage_crop_sizes == lol.train.stage_batch_sizes == ()
+  # The restart tables are unused (and may stay empty) under warmup_cosine; v2's float channel
+  # factor and its end_learning_rate above the base rate are fine under its own rules.
+  v2 = _with(_load('lol_v2.py'), 'optim.end_learning_rate', 1.0)
+  assert config_checks.errors(v2) == []
+  assert config_checks.errors(_with(lol, 'train.stage_steps', ())) == []

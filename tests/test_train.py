@@ -97,6 +97,31 @@ def test_model_change_on_resume_fails_clearly(uninterrupted):
     train.train_and_evaluate(config, str(uninterrupted))
 
 
+def test_resume_checks_the_architecture_and_fills_missing_keys(monkeypatch):
+  # A checkpoint written before config.model.arch existed (no 'arch' key) is a MIRNet one.
+  config = tiny.config()
+  stored = {k: v for k, v in config.model.to_dict().items() if k != 'arch'}
+
+  class Manager:
+    directory = 'W/checkpoints'
+
+  monkeypatch.setattr(checkpoints, 'stored_config', lambda manager, step: {'model': stored})
+  train._check_model(Manager(), 4, config)  # same model: no error
+  v2 = tiny.config(model__arch='mirnet_v2')
+  with pytest.raises(train.ModelMismatchError, match=r"holds a 'mirnet' model but config.model"):
+    train._check_model(Manager(), 4, v2)
+
+
+def test_init_from_weights_of_the_other_architecture_names_it(monkeypatch):
+  config = tiny.config(train__init_from='weights/v2_lol')
+  monkeypatch.setattr(
+    checkpoints, 'restore_params', lambda where, which: ({'arch': 'mirnet_v2'}, {}, 0)
+  )
+  model = train.create_model(config.model)
+  with pytest.raises(train.ModelMismatchError, match=r"init_from='weights/v2_lol'.*'mirnet_v2'"):
+    train.create_train_state(config, model, optax.sgd(0.1), None, jax.random.key(0))
+
+
 def test_sigkill_then_resume_matches_uninterrupted(uninterrupted, tmp_path, cache_dir):
   # The first process kills itself with SIGKILL as soon as the checkpoint of step 4 is on disk.
   crash = f"""
@@ -273,7 +298,8 @@ def official_export(tmp_path_factory, fixtures_dir):
 def test_init_from_converted_weights(official_export):
   fields = json.loads((official_export / checkpoints.MODEL_JSON).read_text())
   model = {f'model__{k}': v for k, v in fields.items()}
-  config = tiny.config(train__init_from=str(official_export), model__reduction=8, **model)
+  # model.json holds every model field (reduction included since exports carry the full config).
+  config = tiny.config(train__init_from=str(official_export), **{'model__reduction': 8, **model})
   state = _initial_state(config)
   _, want = checkpoints.load_export(official_export)
   _assert_trees_equal(state.params, want)
