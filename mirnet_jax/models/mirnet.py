@@ -17,6 +17,11 @@ import numpy as np
 from mirnet_jax.models import layers, mirnet_v2
 
 Dtype = Any
+# config.train.remat: what the backward pass recomputes instead of keeping (nn.remat).
+#   'none': nothing; 'mrb': each MRB keeps only its input and is run again in the backward
+#   pass (one extra forward); 'rrg': each RRG keeps only its input, and its MRBs are
+#   rematerialised inside it (two extra forwards, the least memory).
+REMAT = ('none', 'mrb', 'rrg')
 # float16 is left out on purpose: without loss scaling its gradients overflow to Inf while the
 # loss stays finite (issue 11); config_checks refuses it by name before anything runs.
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -96,12 +101,14 @@ class RRG(nn.Module):
   reduction: int = 8
   kernel_size: int = 3
   dtype: Dtype = jnp.float32
+  remat_mrb: bool = False  # rematerialise each MRB in the backward pass (config.train.remat)
 
   @nn.compact
   def __call__(self, x: jax.Array, dau_slope: jax.Array) -> jax.Array:
+    mrb_cls = nn.remat(MRB) if self.remat_mrb else MRB
     y = x
     for m in range(self.num_mrb):
-      y = MRB(
+      y = mrb_cls(
         self.height,
         self.width,
         self.channel_factor,
@@ -133,6 +140,8 @@ class MIRNet(nn.Module):
   reduction: int = 8
   kernel_size: int = 3
   dtype: Dtype = jnp.float32
+  # Training memory, not architecture (REMAT; config.train.remat): left out of model_config.
+  remat: str = 'none'
 
   @property
   def size_multiple(self) -> int:
@@ -158,9 +167,10 @@ class MIRNet(nn.Module):
       raise ValueError('MIRNet needs num_rrg, num_mrb, height and width of at least 1')
     dau_slope = self.param('dau_prelu', nn.initializers.constant(layers.PRELU_INIT), ())
     conv = lambda c, name: layers.Conv(c, self.kernel_size, dtype=self.dtype, name=name)
+    rrg_cls = nn.remat(RRG) if self.remat == 'rrg' else RRG
     y = conv(self.num_features, 'conv_in')(x)
     for r in range(self.num_rrg):
-      y = RRG(
+      y = rrg_cls(
         self.num_mrb,
         self.height,
         self.width,
@@ -168,6 +178,7 @@ class MIRNet(nn.Module):
         self.reduction,
         self.kernel_size,
         dtype=self.dtype,
+        remat_mrb=self.remat != 'none',
         name=f'rrg_{r}',
       )(y, dau_slope)
     return conv(3, 'conv_out')(y) + x.astype(self.dtype)
@@ -181,15 +192,18 @@ Model = MIRNet | mirnet_v2.MIRNetV2
 
 
 def _fields(cls: type) -> set[str]:
-  return set(cls.__dataclass_fields__) - {'parent', 'name'}
+  return set(cls.__dataclass_fields__) - {'parent', 'name', 'remat'}
 
 
-def create_model(model_config: Any) -> Model:
+def create_model(model_config: Any, remat: str = 'none') -> Model:
   """Builds the network from the ``config.model`` section (a mapping; dtype given by name).
 
   ``arch`` picks the architecture ('mirnet' when absent); the other keys are the
-  constructor's attributes of that architecture.
+  constructor's attributes of that architecture. ``remat`` (``config.train.remat``, one of
+  ``REMAT``) only changes what training keeps in memory, never the outputs or the parameters.
   """
+  if remat not in REMAT:
+    raise ValueError(f'config.train.remat: unknown value {remat!r}; known: {list(REMAT)}')
   fields = dict(model_config)
   arch = fields.pop('arch', DEFAULT_ARCH)
   if arch not in ARCHITECTURES:
@@ -209,7 +223,7 @@ def create_model(model_config: Any) -> Model:
       f'config.model: unknown keys {unknown} for config.model.arch={arch!r}; '
       f'known: {sorted(known | {"arch", "dtype"})}'
     )
-  model = cls(dtype=dtype, **fields)
+  model = cls(dtype=dtype, remat=remat, **fields)
   if isinstance(model, mirnet_v2.MIRNetV2):
     model.check_config()
   return model

@@ -150,12 +150,14 @@ class RRG(nn.Module):
   groups: int = 1
   reduction: int = 8
   dtype: Dtype = jnp.float32
+  remat_mrb: bool = False  # rematerialise each MRB in the backward pass (config.train.remat)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    mrb_cls = nn.remat(MRB) if self.remat_mrb else MRB
     y = x
     for m in range(self.num_mrb):
-      y = MRB(self.channel_factor, self.groups, self.reduction, self.dtype, name=f'mrb_{m}')(y)
+      y = mrb_cls(self.channel_factor, self.groups, self.reduction, self.dtype, name=f'mrb_{m}')(y)
     return layers.Conv(x.shape[-1], 3, dtype=self.dtype, name='conv')(y) + x.astype(self.dtype)
 
 
@@ -174,6 +176,9 @@ class MIRNetV2(nn.Module):
   num_mrb: int = 2
   reduction: int = 8
   dtype: Dtype = jnp.float32
+  # Training memory, not architecture (mirnet.REMAT, config.train.remat): 'none' | 'mrb' |
+  # 'rrg'; left out of model_config.
+  remat: str = 'none'
 
   @property
   def size_multiple(self) -> int:
@@ -217,9 +222,16 @@ class MIRNetV2(nn.Module):
     self.check_input(x.shape)
     self.check_config()
     conv = lambda c, name: layers.Conv(c, 3, dtype=self.dtype, name=name)
+    rrg_cls = nn.remat(RRG) if self.remat == 'rrg' else RRG
     y = conv(self.num_features, 'conv_in')(x)
     for r, groups in enumerate(RRG_GROUPS):
-      y = RRG(
-        self.num_mrb, self.channel_factor, groups, self.reduction, self.dtype, name=f'rrg_{r}'
+      y = rrg_cls(
+        self.num_mrb,
+        self.channel_factor,
+        groups,
+        self.reduction,
+        self.dtype,
+        remat_mrb=self.remat != 'none',
+        name=f'rrg_{r}',
       )(y)
     return conv(3, 'conv_out')(y) + x.astype(self.dtype)
