@@ -3,6 +3,8 @@ predict; JSON lines.
 
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=train_step --batch=4 --size=128
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=forward --batch=1 --size=400,600
+  python -m mirnet_jax.benchmark --config=configs/lol.py --mode=train_step --batch=8 --size=128 \\
+      --compile_only --remat=mrb --dtype=bfloat16
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=data --steps=300 \\
       --config.data.name=folder --config.data.folder=PAIRS --config.data.validation_percent=0
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=predict --batch=1 --size=3000,4000
@@ -10,7 +12,13 @@ predict; JSON lines.
 Modes:
 * ``train_step`` / ``forward``: random inputs and a random initialisation (the timings do not
   depend on the values). Lines: ``compile`` (seconds to lower and compile), one ``step`` per timed
-  step (``step_s``), then ``summary`` with the median step, images/s, peak RSS and the device.
+  step (``step_s``), then ``summary`` with the median step, images/s, XLA's FLOPs per step and
+  the achieved TFLOP/s against a peak (``--peak_tflops``, else a measured float32 GEMM), XLA's
+  memory plan of the compiled step, the device's peak memory where the backend keeps one, peak
+  RSS and the devices (keys: ``bench_model.bench_model``, meanings: ``bench_xla``).
+  ``--dtype`` and ``--remat`` override ``config.model.dtype`` and ``config.train.remat``;
+  ``--compile_only`` stops after the compile (step figures null): the memory plan of a step too
+  big to run here.
 * ``data``: the training input pipeline of the config (its source, ``config.data.cache``,
   ``num_workers``, crops, MixUp, ``config.train.batch_size``) on this process, no model. Lines:
   ``ready`` (seconds to open the source and fill the cache), then ``summary`` with
@@ -26,9 +34,8 @@ Peak RSS is that of this process (GiB, from ``getrusage``: host memory, which on
 the device buffers).
 """
 
-import json
 import os
-import resource
+import sys
 import time
 from typing import Any
 
@@ -37,9 +44,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mirnet_jax import losses, predict, sharding, train
+from mirnet_jax import bench_model, predict
+from mirnet_jax.bench_model import emit
 from mirnet_jax.data import pipeline, sources
-from mirnet_jax.models import count_params, create_model, param_shapes
+from mirnet_jax.models import count_params, create_model
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/lol.py', 'Config file.')
 _MODE = flags.DEFINE_enum(
@@ -54,6 +62,24 @@ _STEPS = flags.DEFINE_integer(
   'steps', 3, 'Timed steps after the compiling one; data: timed batches after the warm-up.'
 )
 
+# Strings, not enums: a bad value is reported in one line naming the flag (absl's enum error
+# adds a second line), and '' means "the config's value".
+_DTYPE = flags.DEFINE_string(
+  'dtype', '', 'train_step/forward: compute dtype, float32 or bfloat16 (overrides '
+  "config.model.dtype; '' = the config's)."
+)  # fmt: skip
+_REMAT = flags.DEFINE_string(
+  'remat', '', 'train_step/forward: none, mrb or rrg (overrides config.train.remat; '
+  "'' = the config's, else none)."
+)  # fmt: skip
+_COMPILE_ONLY = flags.DEFINE_bool(
+  'compile_only', False, 'train_step/forward: lower and compile only; the summary has the '
+  "compile time, XLA's FLOPs and memory plan, and null step figures."
+)  # fmt: skip
+_PEAK_TFLOPS = flags.DEFINE_float(
+  'peak_tflops', 0.0, 'train_step/forward: one device\'s peak TFLOP/s for fraction_of_peak '
+  '(0 = measure a float32 2048x2048 GEMM on the first device).'
+)  # fmt: skip
 _REFERENCE = flags.DEFINE_integer(
   'reference', 0, 'predict: also time one forward of a REFERENCExREFERENCE image (0 = none).'
 )
@@ -61,101 +87,9 @@ _REFERENCE = flags.DEFINE_integer(
 _DATA_WARMUP_BATCHES = 10  # batches before timing: threads and workers reach steady state
 
 
-def _emit(record: dict) -> None:
-  print(json.dumps(record), flush=True)
-
-
-def _peak_rss_gib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-def _devices() -> str:
-  return f'{jax.device_count()} x {jax.devices()[0].device_kind}'
-
-
 def _size() -> tuple[int, int]:
   h, w = (int(s) for s in (_SIZE.value.split(',') * 2)[:2])
   return h, w
-
-
-def _random_params(model: Any, seed: int = 0) -> Any:
-  """Random parameters from the shapes alone (an eager init of MIRNet takes minutes on CPU).
-
-  Kernels are scaled by 1/sqrt(fan-in), so activations stay finite and normal through the
-  network (infinities or subnormal floats could change the speed); the rest is zero.
-  """
-  rng = np.random.default_rng(seed)
-
-  def init(s: jax.ShapeDtypeStruct) -> np.ndarray:
-    if len(s.shape) < 2:
-      return np.zeros(s.shape, np.float32)
-    return (rng.normal(0, 1, s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
-
-  return jax.tree.map(init, param_shapes(model))
-
-
-def bench_model(config: Any, mode: str) -> None:
-  """``train_step`` or ``forward``: compile time, step time, images/s, peak RSS."""
-  h, w = _size()
-  batch = _BATCH.value
-  mesh = sharding.create_mesh()
-  model = create_model(config.model)
-  rng = np.random.default_rng(0)
-  images = {
-    'low': rng.random((batch, h, w, 3), np.float32) * 0.2,
-    'high': rng.random((batch, h, w, 3), np.float32),
-  }
-  global_images = sharding.global_batch(images, mesh)
-  schedule = train.create_learning_rate_schedule(config.optim, 1000)
-  state = train.create_train_state(
-    config, model, train.create_optimizer(config.optim, schedule), mesh, jax.random.key(0)
-  )
-  if mode == 'train_step':
-    fn = train.make_train_step(mesh, losses.create_loss(config.loss))
-    args = (state, global_images)
-  else:
-    repl = sharding.replicated(mesh)
-    fn = jax.jit(
-      lambda p, x: model.apply({'params': p}, x),
-      in_shardings=(repl, sharding.batch_sharding(mesh)),
-      out_shardings=sharding.batch_sharding(mesh),
-    )
-    args = (state.params, global_images['low'])
-
-  start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  _emit({'event': 'compile', 'mode': mode, 'compile_s': round(compile_s, 3)})
-  step_times = []
-  for i in range(_STEPS.value + 1):
-    start = time.perf_counter()
-    out = compiled(*args)
-    jax.block_until_ready(out)
-    elapsed = time.perf_counter() - start
-    if mode == 'train_step':
-      args = (out[0], global_images)  # the state was donated
-    if i > 0:  # the first call also allocates and warms caches
-      step_times.append(elapsed)
-      _emit({'event': 'step', 'step': i, 'step_s': round(elapsed, 4)})
-  median = float(np.median(step_times)) if step_times else float('nan')
-  _emit(
-    {
-      'event': 'summary',
-      'mode': mode,
-      'batch': batch,
-      'height': h,
-      'width': w,
-      'dtype': config.model.dtype,
-      'params': count_params(state.params),
-      'compile_s': round(compile_s, 3),
-      'step_s_median': round(median, 4),
-      'steps_per_s': round(1 / median, 5),
-      'images_per_s': round(batch / median, 4),
-      'peak_rss_gib': round(_peak_rss_gib(), 3),
-      'devices': _devices(),
-      'jax': jax.__version__,
-    }
-  )
 
 
 def bench_data(config: Any) -> None:
@@ -174,7 +108,7 @@ def bench_data(config: Any) -> None:
     num_workers=d.num_workers,
   )
   ready_s = time.perf_counter() - start
-  _emit({'event': 'ready', 'mode': 'data', 'ready_s': round(ready_s, 3), 'records': len(source)})
+  emit({'event': 'ready', 'mode': 'data', 'ready_s': round(ready_s, 3), 'records': len(source)})
   try:
     for _ in range(_DATA_WARMUP_BATCHES):
       batch = next(iterator)
@@ -186,7 +120,7 @@ def bench_data(config: Any) -> None:
   finally:
     iterator.close()
   rows = batch['low'].shape[0]
-  _emit(
+  emit(
     {
       'event': 'summary',
       'mode': 'data',
@@ -205,7 +139,7 @@ def bench_data(config: Any) -> None:
       # the machine (meaningful in-process, num_workers=0 or a cache).
       'images_per_cpu_s': round(_STEPS.value * rows / max(cpu_s, 1e-9), 1),
       'load_average_1min': round(os.getloadavg()[0], 2),
-      'peak_rss_gib': round(_peak_rss_gib(), 3),
+      'peak_rss_gib': round(bench_model.peak_rss_gib(), 3),
       'cpus': _cpu_count(),
     }
   )
@@ -226,7 +160,7 @@ def bench_predict(config: Any) -> None:
   model = create_model(config.model)
   enhancer = predict.Enhancer(
     model,
-    _random_params(model),
+    bench_model.random_params(model),
     tile_size=cfg.tile_size,
     tile_overlap=cfg.tile_overlap,
     bucket=cfg.bucket,
@@ -236,7 +170,7 @@ def bench_predict(config: Any) -> None:
   start = time.perf_counter()
   enhancer.compile(h, w)
   compile_s = time.perf_counter() - start
-  _emit({'event': 'compile', 'mode': 'predict', 'compile_s': round(compile_s, 3)})
+  emit({'event': 'compile', 'mode': 'predict', 'compile_s': round(compile_s, 3)})
   rng = np.random.default_rng(0)
   photo = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)  # the values do not change the time
   enhancer.reset_counts()
@@ -245,11 +179,11 @@ def bench_predict(config: Any) -> None:
     assert out.shape == photo.shape
   elapsed = time.perf_counter() - start
   megapixels = count * h * w / 1e6
-  peak_rss = _peak_rss_gib()  # before the reference forward, which may take more
+  peak_rss = bench_model.peak_rss_gib()  # before the reference forward, which may take more
   reference = _reference_forward(model, enhancer.params, _REFERENCE.value)
   if reference:
     reference['predict_slowdown'] = round(reference['megapixels_per_s'] * elapsed / megapixels, 3)
-  _emit(
+  emit(
     {
       'event': 'summary',
       'mode': 'predict',
@@ -267,7 +201,7 @@ def bench_predict(config: Any) -> None:
       'megapixels_per_s': round(megapixels / elapsed, 5),
       'peak_rss_gib': round(peak_rss, 3),
       'reference_forward': reference,
-      'devices': _devices(),
+      'devices': bench_model.devices(),
       'jax': jax.__version__,
     }
   )
@@ -290,16 +224,34 @@ def _reference_forward(model: Any, params: Any, side: int) -> dict | None:
   }
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  config = _CONFIG.value
-  mode = _MODE.value
+def _run(config: Any, mode: str) -> None:
   if mode in ('train_step', 'forward'):
-    bench_model(config, mode)
+    h, w = _size()
+    bench_model.bench_model(
+      config,
+      mode,
+      batch=_BATCH.value,
+      height=h,
+      width=w,
+      steps=_STEPS.value,
+      remat=bench_model.resolve_options(config, _DTYPE.value, _REMAT.value),
+      compile_only=_COMPILE_ONLY.value,
+      peak_tflops=_PEAK_TFLOPS.value,
+    )
   elif mode == 'data':
     bench_data(config)
   else:
     bench_predict(config)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    _run(_CONFIG.value, _MODE.value)
+  except ValueError as e:  # bad flags and config values: one line, no traceback
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':
