@@ -190,7 +190,7 @@ def bench_model(
     'images_per_s': None if median is None else round(batch / median, 4),
     'flops_per_step': flops_per_step,
     **bench_xla.throughput(flops_per_step, median, peak_tflops),
-    'peak_tflops': None if peak_tflops is None else round(peak_tflops, 6),
+    'peak_tflops': bench_xla.significant(peak_tflops),
     'peak_source': peak_source,
     **bench_xla.memory(compiled),
     'peak_bytes_in_use': bench_xla.device_peak_bytes(),

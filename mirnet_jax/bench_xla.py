@@ -116,7 +116,9 @@ def throughput(
   if flops_per_step is not None and step_s:
     achieved = flops_per_step / step_s / 1e12
   fraction = achieved / peak_tflops if achieved is not None and peak_tflops else None
-  return {
-    'achieved_tflops': None if achieved is None else round(achieved, 6),
-    'fraction_of_peak': None if fraction is None else round(fraction, 6),
-  }
+  return {'achieved_tflops': significant(achieved), 'fraction_of_peak': significant(fraction)}
+
+
+def significant(x: float | None, digits: int = 6) -> float | None:
+  """``x`` to ``digits`` significant figures (a CPU's 1e-5 TFLOP/s keeps its precision)."""
+  return None if x is None else float(f'{x:.{digits}g}')
