@@ -24,7 +24,9 @@ MICRO = {
   'model.width': 1,
   'model.reduction': 2,
 }
-MICRO_FLAGS = [f'--config.{k}={v}' for k, v in MICRO.items()]
+# The model modes' micro model: one stream (height 1) halves the train step's compile time.
+STEP_MICRO = {**MICRO, 'model.height': 1}
+MICRO_FLAGS = [f'--config.{k}={v}' for k, v in STEP_MICRO.items()]
 BATCH, SIZE = 4, 16  # one 16x16 image per fake device
 STEP_KEYS = ('step_s_median', 'steps_per_s', 'images_per_s', 'achieved_tflops', 'fraction_of_peak')
 MEMORY_KEYS = (
@@ -60,7 +62,7 @@ MODEL_SUMMARY_KEYS = {
 
 
 def _micro_config(**extra):
-  return tiny.config(**{**{k.replace('.', '__'): v for k, v in MICRO.items()}, **extra})
+  return tiny.config(**{**{k.replace('.', '__'): v for k, v in STEP_MICRO.items()}, **extra})
 
 
 @functools.cache
@@ -158,9 +160,9 @@ def test_compile_only_train_step_with_remat_recomputes_the_blocks():
   assert summary['peak_tflops'] == 2.5 and summary['fraction_of_peak'] is None
   plain = _run_model('train_step')[1]
   assert summary['argument_bytes'] == plain['argument_bytes']  # the same state and batch
-  # The MRB's forward runs again in the backward pass: more FLOPs than without remat. (XLA:CPU
-  # keeps the same temp_bytes either way, so memory cannot show it here.)
-  assert summary['flops_per_step'] > plain['flops_per_step'] * 1.05
+  # The MRB's forward runs again in the backward pass: more FLOPs than without remat (+3.6%
+  # here). XLA:CPU keeps the same temp_bytes either way, so memory cannot show it on CPU.
+  assert summary['flops_per_step'] > plain['flops_per_step'] * 1.02
 
 
 def test_compile_only_forward_cli_takes_dtype_remat_and_config_overrides():
