@@ -194,6 +194,20 @@ def train_step(
   return new_state, metrics
 
 
+# XLA:CPU's default scheduler orders the step for concurrency: it runs work off the critical
+# path (the kernel gradients, remat's recomputations) as early as it can, which keeps their
+# inputs and results alive together. On the paper configuration at 4 x 128x128 it plans 16.6
+# GiB of temporaries against 9.5 GiB with the memory-optimised scheduler, and the step is
+# faster with the latter (47-50 s against 55 s on the README's 2-core machine): the copies
+# cost more than the concurrency gains. Other backends schedule for memory already.
+CPU_COMPILER_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+
+
+def compiler_options() -> dict[str, str]:
+  """XLA options for compiling the train step on this process's backend."""
+  return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else {}
+
+
 def make_train_step(
   mesh: jax.sharding.Mesh, loss_fn: losses.LossFn, clamp_output: bool = True
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
@@ -207,4 +221,5 @@ def make_train_step(
     in_shardings=(repl, sharding.batch_sharding(mesh)),
     out_shardings=(repl, repl),
     donate_argnums=0,
+    compiler_options=compiler_options(),
   )

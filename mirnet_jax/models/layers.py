@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mirnet_jax.models import ops
+
 Dtype = Any
 # PyTorch's default Conv2d initialisation, U(+-1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5)).
 torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
@@ -51,16 +53,7 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """k x k convolution (odd k), stride 1, zero padding k//2: [B, H, W, C] x [k, k, C, D]."""
-  pad = kernel.shape[0] // 2
-  return jax.lax.conv_general_dilated(
-    x,
-    kernel,
-    window_strides=(1, 1),
-    padding=((pad, pad), (pad, pad)),
-    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-  )
+conv2d = ops.conv2d  # k x k, stride 1, zero padding k//2, NHWC/HWIO; see ops.py
 
 
 class Conv(nn.Module):
@@ -147,7 +140,8 @@ class TransposedConvUp(nn.Module):
   Output row 2m gets tap ky=1 from input row m; row 2m+1 gets ky=2 from row m and ky=0 from
   row m+1 (zero beyond the border); likewise for columns. Each of the four output phases is
   thus one matmul over the input and its shifted copies (9 taps in all, no multiplications
-  by inserted zeros), interleaved by depth-to-space.
+  by inserted zeros), interleaved by depth-to-space; see ``__call__`` for how the taps are
+  computed as a single matmul.
   """
 
   features: int
@@ -158,26 +152,27 @@ class TransposedConvUp(nn.Module):
     k = self.param('kernel', torch_conv_init, (3, 3, x.shape[-1], self.features))
     k = k.astype(self.dtype)
     x = x.astype(self.dtype)
-    zero_row, zero_col = jnp.zeros_like(x[:, :1]), jnp.zeros_like(x[:, :, :1])
-    down = jnp.concatenate([x[:, 1:], zero_row], 1)  # x[m + 1, n]
-    right = jnp.concatenate([x[:, :, 1:], zero_col], 2)  # x[m, n + 1]
-    diag = jnp.concatenate([down[:, :, 1:], zero_col], 2)  # x[m + 1, n + 1]
-
-    def phase(inputs: list[jax.Array], taps: list[tuple[int, int]]) -> jax.Array:
-      w = jnp.concatenate([k[ky, kx] for ky, kx in taps], axis=0)
-      return matmul_channels(jnp.concatenate(inputs, axis=-1), w)
-
-    p00 = phase([x], [(1, 1)])
-    p01 = phase([x, right], [(1, 2), (1, 0)])
-    p10 = phase([x, down], [(2, 1), (0, 1)])
-    p11 = phase([x, right, down, diag], [(2, 2), (2, 0), (0, 2), (0, 0)])
-    b, h, w, c = p00.shape
-    rows = jnp.stack([jnp.stack([p00, p01], 3), jnp.stack([p10, p11], 3)], 2)  # b h 2 w 2 c
-    return rows.reshape(b, 2 * h, 2 * w, c)
+    b, h, w, _ = x.shape
+    d = self.features
+    # Every tap's product with the input, in one matmul: taps[..., t, :] = x @ k[ky, kx] for
+    # t = 3 * ky + kx. The shifted inputs of the phase form (x[m + 1, n], ...) become shifted
+    # products (a shift commutes with a per-pixel matmul), so the backward pass keeps x only.
+    taps = matmul_channels(x, k.reshape(9, -1, d).transpose(1, 0, 2).reshape(-1, 9 * d))
+    taps = taps.reshape(b, h, w, 9, d)
+    t = lambda ky, kx: taps[..., 3 * ky + kx, :]
+    down = lambda v: jnp.pad(v[:, 1:], ((0, 0), (0, 1), (0, 0), (0, 0)))  # v[m + 1, n]
+    right = lambda v: jnp.pad(v[:, :, 1:], ((0, 0), (0, 0), (0, 1), (0, 0)))  # v[m, n + 1]
+    p00 = t(1, 1)
+    p01 = t(1, 2) + right(t(1, 0))
+    p10 = t(2, 1) + down(t(0, 1))
+    p11 = t(2, 2) + right(t(2, 0)) + down(t(0, 2) + right(t(0, 0)))
+    rows = jnp.stack([jnp.stack([p00, p01], 3), jnp.stack([p10, p11], 3)], 2)  # b h 2 w 2 d
+    return rows.reshape(b, 2 * h, 2 * w, d)
 
 
 class SpatialAttention(nn.Module):
-  """Spatial attention of the DAU (Sec. 3.2): channel max and mean -> 5x5 conv -> sigmoid."""
+  """Spatial attention gate of the DAU (Sec. 3.2): channel max and mean -> 5x5 conv ->
+  sigmoid, [B, H, W, C] -> [B, H, W, 1]; the DAU scales its features by it."""
 
   dtype: Dtype = jnp.float32
 
@@ -186,12 +181,12 @@ class SpatialAttention(nn.Module):
     pooled = jnp.concatenate(
       [jnp.max(x, axis=-1, keepdims=True), jnp.mean(x, axis=-1, keepdims=True)], axis=-1
     )
-    scale = nn.sigmoid(Conv(1, 5, dtype=self.dtype, name='conv')(pooled))
-    return x * scale
+    return nn.sigmoid(Conv(1, 5, dtype=self.dtype, name='conv')(pooled))
 
 
 class ChannelAttention(nn.Module):
-  """Channel attention of the DAU (Sec. 3.2): squeeze (GAP) and excitation (1x1 convs)."""
+  """Channel attention gate of the DAU (Sec. 3.2): squeeze (GAP) and excitation (1x1 convs),
+  [B, H, W, C] -> [B, 1, 1, C]; the DAU scales its features by it."""
 
   reduction: int = 8
   dtype: Dtype = jnp.float32
@@ -201,7 +196,26 @@ class ChannelAttention(nn.Module):
     c = x.shape[-1]
     z = global_avg_pool(x)
     z = nn.relu(Conv(c // self.reduction, 1, dtype=self.dtype, name='squeeze')(z))
-    return x * nn.sigmoid(Conv(c, 1, dtype=self.dtype, name='excite')(z))
+    return nn.sigmoid(Conv(c, 1, dtype=self.dtype, name='excite')(z))
+
+
+class AttentionFusion(nn.Module):
+  """The DAU's 1x1 conv of [x * spatial gate, x * channel gate] (kernel [1, 1, 2C, C]).
+
+  Computed as ``s * (x @ K_top) + x @ (g * K_bottom)`` with the channel gate ``g`` folded into
+  a per-image kernel: the same sums as the conv of the concatenation, but the backward pass
+  keeps ``x`` and one product instead of two gated copies of the features.
+  """
+
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, spatial: jax.Array, channel: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    kernel = self.param('kernel', torch_conv_init, (1, 1, 2 * c, c))[0, 0].astype(self.dtype)
+    per_image = channel.reshape(b, c, 1) * kernel[c:]  # [B, C, C]: gate folded into K_bottom
+    gated = jnp.matmul(x.reshape(b, h * w, c), per_image).reshape(b, h, w, c)
+    return spatial * matmul_channels(x, kernel[:c]) + gated
 
 
 class DAU(nn.Module):
@@ -223,7 +237,7 @@ class DAU(nn.Module):
     r = Conv(c, self.kernel_size, dtype=self.dtype, name='conv_1')(prelu(r, slope))
     sa = SpatialAttention(dtype=self.dtype, name='spatial_attention')(r)
     ca = ChannelAttention(self.reduction, dtype=self.dtype, name='channel_attention')(r)
-    fused = Conv(c, 1, dtype=self.dtype, name='conv1x1')(jnp.concatenate([sa, ca], axis=-1))
+    fused = AttentionFusion(dtype=self.dtype, name='conv1x1')(r, sa, ca)
     return fused + x.astype(self.dtype)
 
 
@@ -277,7 +291,9 @@ class ResidualUpSample(nn.Module):
   """Residual up-sampling (Sec. 3.3, Fig. 4b): [B, H, W, C] -> [B, 2H, 2W, C / factor].
 
   Top: 1x1 conv, PReLU, 3x3 stride-2 transposed conv, PReLU, 1x1 conv; bottom: bilinear x2
-  (align_corners=False), 1x1 conv.
+  (align_corners=False), 1x1 conv. The bottom runs the 1x1 conv first: a per-pixel linear map
+  commutes with the fixed-weight bilinear sums, so it is the same result at a quarter of the
+  multiplications, and the backward pass keeps the small input instead of the up-sampled one.
   """
 
   factor: int = 2
@@ -290,7 +306,7 @@ class ResidualUpSample(nn.Module):
     top = PReLU(name='top_prelu_0')(Conv(c, 1, dtype=self.dtype, name='top_conv_0')(x))
     top = PReLU(name='top_prelu_1')(TransposedConvUp(c, dtype=self.dtype, name='top_deconv')(top))
     top = Conv(out, 1, dtype=self.dtype, name='top_conv_1')(top)
-    bot = Conv(out, 1, dtype=self.dtype, name='bot_conv')(bilinear_up2(x.astype(self.dtype)))
+    bot = bilinear_up2(Conv(out, 1, dtype=self.dtype, name='bot_conv')(x))
     return top + bot
 
 

@@ -1,0 +1,129 @@
+"""The train-step reformulations (ops.py, layers.py) against their literal forms: values and
+gradients to float32 rounding, in float32 and bfloat16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mirnet_jax.models import create_model, layers, ops
+
+
+def _x(shape, seed=0, dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _grads(f, *args):
+  """Value and gradients of sum(f(*args) * probe): a random cotangent, not all ones."""
+  out = f(*args)
+  probe = _x(out.shape, seed=7, dtype=out.dtype)
+  return jax.value_and_grad(lambda *a: jnp.sum(f(*a) * probe), argnums=range(len(args)))(*args)
+
+
+@pytest.mark.parametrize(
+  'shape,size,features', [((2, 9, 7, 5), 3, 6), ((1, 8, 8, 2), 5, 1), ((3, 4, 6, 8), 1, 4)]
+)
+def test_conv2d_kernel_gradient_equals_jax_rule(shape, size, features):
+  x = _x(shape)
+  k = _x((size, size, shape[-1], features), seed=1) * 0.3
+  (v1, (dx1, dk1)) = _grads(ops.conv2d, x, k)
+  (v2, (dx2, dk2)) = _grads(ops.conv2d_literal, x, k)
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  np.testing.assert_allclose(dx1, dx2, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dk1, dk2, rtol=1e-5, atol=1e-4)
+  assert dk1.dtype == k.dtype
+
+
+def test_kernel_grad_by_hand():
+  # 1x1 image, 3x3 kernel: only the centre tap sees the pixel, dK[1, 1] = x^T dy.
+  x = jnp.asarray([[[[2.0, -1.0]]]])
+  dy = jnp.asarray([[[[3.0]]]])
+  dk = ops.kernel_grad(x, dy, 3)
+  want = np.zeros((3, 3, 2, 1), np.float32)
+  want[1, 1, :, 0] = [6.0, -3.0]
+  np.testing.assert_array_equal(dk, want)
+
+
+def test_conv2d_bfloat16_gradients_accumulate_in_float32():
+  x = _x((2, 16, 16, 8), dtype=jnp.bfloat16)
+  k = (_x((3, 3, 8, 8), seed=1) * 0.2).astype(jnp.bfloat16)
+  _, (_, dk) = _grads(ops.conv2d, x, k)
+  _, (_, want) = _grads(ops.conv2d_literal, x.astype(jnp.float32), k.astype(jnp.float32))
+  assert dk.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(dk, np.float32), want, rtol=0.05, atol=0.3)
+
+
+def _literal_deconv(x, kernel):
+  # PyTorch ConvTranspose2d(k3, s2, p1, output_padding=1): a dilated conv with the flipped kernel.
+  return jax.lax.conv_general_dilated(
+    x, kernel[::-1, ::-1], (1, 1), ((1, 2), (1, 2)), lhs_dilation=(2, 2),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )  # fmt: skip
+
+
+def test_transposed_conv_gradients_equal_literal():
+  x = _x((2, 5, 6, 4))
+  mod = layers.TransposedConvUp(3)
+  params = mod.init(jax.random.key(0), x)['params']
+  deconv = lambda x, k: mod.apply({'params': {'kernel': k}}, x)
+  (_, (dx1, dk1)) = _grads(deconv, x, params['kernel'])
+  (_, (dx2, dk2)) = _grads(_literal_deconv, x, params['kernel'])
+  np.testing.assert_allclose(dx1, dx2, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dk1, dk2, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_fusion_equals_conv_of_the_concatenation():
+  r = _x((2, 6, 5, 8))
+  spatial = jax.nn.sigmoid(_x((2, 6, 5, 1), seed=1))
+  channel = jax.nn.sigmoid(_x((2, 1, 1, 8), seed=2))
+  mod = layers.AttentionFusion()
+  params = mod.init(jax.random.key(0), r, spatial, channel)['params']
+  assert params['kernel'].shape == (1, 1, 16, 8)  # the official conv1x1 weight, permuted
+
+  def literal(r, s, c, k):
+    cat = jnp.concatenate([r * s, r * c], axis=-1)
+    return jax.lax.conv_general_dilated(
+      cat, k, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+
+  fused = lambda r, s, c, k: mod.apply({'params': {'kernel': k}}, r, s, c)
+  (v1, g1) = _grads(fused, r, spatial, channel, params['kernel'])
+  (v2, g2) = _grads(literal, r, spatial, channel, params['kernel'])
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  for a, b in zip(g1, g2, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_up_sample_bottom_commutes_with_bilinear():
+  x = _x((2, 4, 6, 8))
+  mod = layers.ResidualUpSample()
+  params = mod.init(jax.random.key(0), x)['params']
+  w = params['bot_conv']['kernel'][0, 0]
+  got = mod.apply({'params': params}, x)
+  # The literal official order: up-sample first, then the 1x1 conv; the top path unchanged.
+  zero_bot = jax.tree.map(jnp.zeros_like, params['bot_conv'])
+  top = mod.apply({'params': {**params, 'bot_conv': zero_bot}}, x)
+  want = top + layers.bilinear_up2(x) @ w
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('arch', ['mirnet', 'mirnet_v2'])
+def test_remat_gives_the_same_loss_and_gradients(arch):
+  fields = {'arch': arch, 'num_features': 8 if arch == 'mirnet' else 16, 'num_mrb': 2}
+  if arch == 'mirnet':
+    fields['num_rrg'] = 2
+  x = jax.nn.sigmoid(_x((2, 16, 16, 3)))
+  base = create_model(fields)
+  params = base.init(jax.random.key(0), x)['params']
+  results = {}
+  for remat in ('none', 'mrb', 'rrg'):
+    model = create_model(fields, remat=remat)
+    loss = lambda p, m=model: jnp.mean(jnp.abs(m.apply({'params': p}, x) - 0.5))
+    results[remat] = jax.jit(jax.value_and_grad(loss))(params)
+  for remat in ('mrb', 'rrg'):
+    np.testing.assert_allclose(results[remat][0], results['none'][0], rtol=1e-6)
+    got, want = jax.tree.leaves(results[remat][1]), jax.tree.leaves(results['none'][1])
+    for a, b in zip(got, want, strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match='config.train.remat'):
+    create_model(fields, remat='everything')
