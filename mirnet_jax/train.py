@@ -64,12 +64,11 @@ from mirnet_jax.train_state import (  # noqa: F401 - the public names of the tra
 class _Trace:
   """A jax.profiler trace of ``config.train.profile_steps`` steps of this run.
 
-  It starts when ``profile_start_step`` steps of this run are done (so the compile and the
-  warm-up stay out; a resumed run counts from the step it resumed at) and each end waits for the
-  device, so the trace holds exactly those steps. jax writes
-  ``WORKDIR/plugins/profile/<time>/<host>.xplane.pb``, the layout TensorBoard's profile plugin
-  reads under ``--logdir=WORKDIR`` (the directory of the run's events). On several processes
-  only process 0 traces (its own devices; every process runs the same data-parallel program).
+  It starts once ``profile_start_step`` steps of this run are done (compile and warm-up stay
+  out; a resumed run counts from where it resumed) and both ends wait for the device, so the
+  trace holds exactly those steps. jax writes ``WORKDIR/plugins/profile/<time>/<host>.xplane.pb``,
+  where TensorBoard's profile plugin looks under ``--logdir=WORKDIR`` (the events' directory).
+  On several processes only process 0 traces (its own devices; all run the same program).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: Any, first: int, last: int):
@@ -77,22 +76,15 @@ class _Trace:
     self.start = first + config.train.get('profile_start_step', 0)
     self.stop = min(self.start + steps, last)
     self.enabled = steps > 0 and self.start < last and jax.process_index() == 0
-    self.workdir = workdir
-    self.running = False
+    self.folder, self.workdir, self.running = workdir / 'plugins' / 'profile', workdir, False
 
   def before_step(self, done: int, state: TrainState) -> None:
     """Starts the trace when ``done`` steps are done (called before the next one runs)."""
-    if not self.enabled or self.running or done != self.start:
-      return
-    jax.block_until_ready(state)
-    logging.info(
-      'Tracing steps %d-%d with jax.profiler into %s',
-      self.start + 1,
-      self.stop,
-      self.workdir / 'plugins' / 'profile',
-    )
-    jax.profiler.start_trace(str(self.workdir))
-    self.running = True
+    if self.enabled and not self.running and done == self.start:
+      jax.block_until_ready(state)
+      logging.info('Tracing steps %d-%d into %s', self.start + 1, self.stop, self.folder)
+      jax.profiler.start_trace(str(self.workdir))
+      self.running = True
 
   def after_step(self, done: int, state: TrainState) -> None:
     """Stops the trace once its last step is done."""
@@ -102,19 +94,13 @@ class _Trace:
 
   def close(self) -> None:
     """Stops a running trace (also on errors and SIGTERM: what was traced is kept)."""
-    if not self.running:
-      return
-    jax.profiler.stop_trace()
-    self.running = False
-    runs = sorted((self.workdir / 'plugins' / 'profile').iterdir())  # named by start time
-    logging.info(
-      'Wrote the trace of steps %d-%d to %s (view: tensorboard --logdir=%s, Profile tab, '
-      'with tensorboard-plugin-profile installed)',
-      self.start + 1,
-      self.stop,
-      runs[-1] if runs else self.workdir / 'plugins' / 'profile',
-      self.workdir,
-    )
+    if self.running:
+      jax.profiler.stop_trace()
+      self.running = False
+      run = max(self.folder.iterdir(), default=self.folder)  # folders are named by start time
+      logging.info(
+        'Wrote the trace to %s (tensorboard --logdir=%s, Profile tab)', run, self.workdir
+      )
 
 
 def _split_state(state: TrainState) -> tuple[Any, dict]:
