@@ -34,6 +34,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   """Returns the training/eval config; ``arg`` picks a variant (see module docstring)."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # root PRNG seed (integer); data and dropout keys fold from it
+  # Persistent XLA compilation cache, local or gs:// ('' = off, unless $JAX_COMPILATION_CACHE_DIR
+  # names one): a rerun or resume loads the compiled train and eval steps instead of compiling.
+  config.jax_compilation_cache_dir = ''
   config.model = model_config()
 
   config.data = ml_collections.ConfigDict()
@@ -67,6 +70,15 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 2  # latest checkpoints kept (plus the best by eval PSNR)
   config.train.num_grid_images = 4  # validation images shown as low | enhanced | high grids
   config.train.init_from = ''  # converted-weights dir or another run's workdir ('' = random)
+  # What the backward pass recomputes instead of keeping in memory (memory, not architecture: a
+  # run resumes under another value). 'none': keeps every activation (fastest); 'mrb': keeps
+  # only each MRB's input and recomputes the MRB (one extra forward per step); 'rrg': keeps only
+  # each RRG's input, with its MRBs rematerialised inside (two extra forwards, the least memory).
+  config.train.remat = 'none'
+  # jax.profiler trace of this many steps into WORKDIR/plugins/profile/ (TensorBoard's Profile
+  # tab under --logdir=WORKDIR; process 0 only). 0 = off.
+  config.train.profile_steps = 0  # (steps)
+  config.train.profile_start_step = 5  # steps of this run before the trace (compile, warm-up)
   # Progressive training (MIRNet-v2, configs/lol_v2.py): stage j runs stage_steps[j] steps of
   # stage_crop_sizes[j]-pixel crops in global batches of stage_batch_sizes[j]; the last stage
   # runs to the end. Empty: no stages (data.crop_size and train.batch_size throughout).

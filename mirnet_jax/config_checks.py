@@ -24,12 +24,16 @@ from typing import Any
 REFUSED = 'refused'
 SUPPORTED_DTYPES = ('float32', 'bfloat16')
 V2_SIZE_MULTIPLE = 4  # MIRNet-v2's two x2 down-samplings (models/mirnet_v2.py SIZE_MULTIPLE)
+# models/mirnet.py REMAT, spelled out so that checking a config imports neither jax nor flax
+# (main.py checks before jax.distributed starts); tests/test_config_checks.py keeps them equal.
+REMAT = ('none', 'mrb', 'rrg')
 
 # Non-numeric keys with a closed set of values (model.dtype has its own messages below).
 CHOICES: dict[str, tuple[str, ...]] = {
   'model.arch': ('mirnet', 'mirnet_v2'),
   'optim.schedule': ('warmup_cosine', 'cosine_restart_cyclic'),
   'data.mixup_mode': ('per_image', 'batch_or_identity'),
+  'train.remat': REMAT,
 }
 BOOLEANS = ('data.mixup', 'data.cache', 'loss.clamp_output', 'eval.save_images', 'eval.gt_mean')
 
@@ -161,6 +165,8 @@ RULES: dict[str, Rule] = {
   'train.keep_checkpoints': _int(1),
   'train.num_grid_images': _int(0, 'no validation grids'),
   'train.stage_steps': _int(1),
+  'train.profile_steps': _int(0, 'no trace'),
+  'train.profile_start_step': _int(0, 'trace from the first step of the run, compile included'),
   'train.stage_crop_sizes': _int(1),
   'train.stage_batch_sizes': _int(1),
   'optim.learning_rate': _positive(),

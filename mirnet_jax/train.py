@@ -14,10 +14,16 @@ compiles the step once per stage shape. The checkpointed iterator state is the g
 a rerun resumes inside any stage. The learning rate follows ``config.optim.schedule`` by global
 step.
 
+``config.train.remat`` picks what the backward pass recomputes (memory, not architecture: a run
+resumes under another value). ``config.train.profile_steps`` > 0 writes a jax.profiler trace of
+that many steps, after ``profile_start_step`` steps of this run, to
+``WORKDIR/plugins/profile/<time>/`` (``_Trace``), where TensorBoard's profile plugin finds it.
+
 The state and its step live in ``train_state.py`` and are re-exported here.
 """
 
 import json
+import time
 from typing import Any
 
 import jax
@@ -53,6 +59,48 @@ from mirnet_jax.train_state import (  # noqa: F401 - the public names of the tra
   num_train_steps,
   train_step,
 )
+
+
+class _Trace:
+  """A jax.profiler trace of ``config.train.profile_steps`` steps of this run.
+
+  It starts once ``profile_start_step`` steps of this run are done (compile and warm-up stay
+  out; a resumed run counts from where it resumed) and both ends wait for the device, so the
+  trace holds exactly those steps. jax writes ``WORKDIR/plugins/profile/<time>/<host>.xplane.pb``,
+  where TensorBoard's profile plugin looks under ``--logdir=WORKDIR`` (the events' directory).
+  On several processes only process 0 traces (its own devices; all run the same program).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: Any, first: int, last: int):
+    steps = config.train.get('profile_steps', 0)
+    self.start = first + config.train.get('profile_start_step', 0)
+    self.stop = min(self.start + steps, last)
+    self.enabled = steps > 0 and self.start < last and jax.process_index() == 0
+    self.folder, self.workdir, self.running = workdir / 'plugins' / 'profile', workdir, False
+
+  def before_step(self, done: int, state: TrainState) -> None:
+    """Starts the trace when ``done`` steps are done (called before the next one runs)."""
+    if self.enabled and not self.running and done == self.start:
+      jax.block_until_ready(state)
+      logging.info('Tracing steps %d-%d into %s', self.start + 1, self.stop, self.folder)
+      jax.profiler.start_trace(str(self.workdir))
+      self.running = True
+
+  def after_step(self, done: int, state: TrainState) -> None:
+    """Stops the trace once its last step is done."""
+    if self.running and done >= self.stop:
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self) -> None:
+    """Stops a running trace (also on errors and SIGTERM: what was traced is kept)."""
+    if self.running:
+      jax.profiler.stop_trace()
+      self.running = False
+      run = max(self.folder.iterdir(), default=self.folder)  # folders are named by start time
+      logging.info(
+        'Wrote the trace to %s (tensorboard --logdir=%s, Profile tab)', run, self.workdir
+      )
 
 
 def _split_state(state: TrainState) -> tuple[Any, dict]:
@@ -196,7 +244,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
     workdir_path.mkdir(parents=True, exist_ok=True)
   mesh = sharding.create_mesh()
   eval_batch = sharding.eval_batch_size(config.data.eval_batch_size, mesh)
-  model = create_model(config.model)
+  # Remat only changes what the backward pass keeps; validation runs the plain forward.
+  model = create_model(config.model, remat=config.train.get('remat', 'none'))
+  eval_model = create_model(config.model)
   loss_fn = losses.create_loss(config.loss)
   train_source = sources.create_source(config.data, 'train')
   eval_source = sources.create_source(config.data, 'validation')
@@ -216,7 +266,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
   p_train_step = distributed.SyncedJit(
     make_train_step(mesh, loss_fn, config.loss.get('clamp_output', True))
   )
-  eval_step = distributed.SyncedJit(evaluate.make_eval_step(model))
+  eval_step = distributed.SyncedJit(evaluate.make_eval_step(eval_model))
 
   # Only process 0 writes summaries, history and plots (the others get silent writers).
   writer = summaries.create_writer(workdir_path)
@@ -237,6 +287,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
   pending = None  # (step, device metrics) of the last step, fetched one step late
   interval: list[dict] = []
   last_eval = None
+  first_step = step
+  trace = _Trace(config, workdir_path, first_step, num_steps)
+  started = time.monotonic()
 
   def fetch(pending):
     """Host copy of a step's metrics; stops the run if anything is not finite."""
@@ -249,13 +302,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
     values['learning_rate'] = float(schedule(at - 1))
     interval.append(values)
     history.add(at, loss=values['loss'])
+    if at == first_step + 1:
+      # The compile of the step dominates this time; the compilation cache shortens it.
+      logging.info(
+        'Step %d done %.1f s after the loop started (compile included)',
+        at,
+        time.monotonic() - started,
+      )
 
   try:
     while step < num_steps:
       stage = schedules.stage_at(run_stages, step)  # of the step about to run
       batch = sharding.global_batch(next(train_iter), mesh)
-      state, device_metrics = p_train_step(state, batch)
+      trace.before_step(step, state)
+      # Names the step in a trace (the profile plugin's step-time breakdown); free otherwise.
+      with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
+        state, device_metrics = p_train_step(state, batch)
       step += 1
+      trace.after_step(step, state)
       if pending is not None:
         fetch(pending)  # overlaps with the step just dispatched
       pending = (step, device_metrics)
@@ -316,6 +380,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
         logging.warning('SIGTERM: saved step %d in %s; exiting', step, manager.directory)
         break
   finally:
+    trace.close()
     preemption.close()
     train_iter.close()  # stops grain's worker processes now, not at garbage collection
     manager.wait_until_finished()

@@ -236,3 +236,30 @@ def test_new_keys_defaults_and_v2_values_pass():
   v2 = _with(_load('lol_v2.py'), 'optim.end_learning_rate', 1.0)
   assert config_checks.errors(v2) == []
   assert config_checks.errors(_with(lol, 'train.stage_steps', ())) == []
+
+
+def test_remat_choices_are_the_models():
+  from mirnet_jax.models import mirnet
+
+  assert config_checks.REMAT == mirnet.REMAT
+  assert config_checks.CHOICES['train.remat'] == mirnet.REMAT
+
+
+@pytest.mark.parametrize(
+  'key, value, needle',
+  [
+    ('train.remat', 'foo', "config.train.remat='foo': unknown; must be one of none, mrb, rrg"),
+    ('train.profile_steps', -1, 'config.train.profile_steps=-1: must be an integer >= 0'),
+    ('train.profile_steps', 2.5, 'config.train.profile_steps=2.5: must be an integer >= 0'),
+    ('train.profile_start_step', -3, 'config.train.profile_start_step=-3: must be an integer >='),
+  ],
+)
+def test_remat_and_profile_keys_bad_values_are_named(key, value, needle):
+  with pytest.raises(config_checks.ConfigError) as e:
+    config_checks.check(_with(_load('lol.py'), key, value))
+  assert needle in str(e.value)
+
+
+@pytest.mark.parametrize('remat', ['none', 'mrb', 'rrg'])
+def test_remat_values_pass(remat):
+  assert config_checks.errors(_with(_load('lol_v2.py'), 'train.remat', remat)) == []
