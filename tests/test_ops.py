@@ -1,12 +1,13 @@
 """The train-step reformulations (ops.py, layers.py) against their literal forms: values and
 gradients to float32 rounding, in float32 and bfloat16."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mirnet_jax.models import create_model, layers, ops
+from mirnet_jax.models import create_model, layers, mirnet, ops
 
 
 def _x(shape, seed=0, dtype=jnp.float32):
@@ -51,6 +52,72 @@ def test_conv2d_bfloat16_gradients_accumulate_in_float32():
   _, (_, want) = _grads(ops.conv2d_literal, x.astype(jnp.float32), k.astype(jnp.float32))
   assert dk.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(dk, np.float32), want, rtol=0.05, atol=0.3)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_prelu_keeping_only_its_input_equals_literal(dtype):
+  x = _x((2, 5, 4, 3), dtype=dtype).at[0, 0, 0, 0].set(0.0)  # x == 0 takes the identity side
+  slope = jnp.float32(0.25)
+  (v1, g1) = _grads(ops.prelu, x, slope)
+  (v2, g2) = _grads(ops.prelu_literal, x, slope)
+  np.testing.assert_array_equal(np.asarray(v1, np.float32), np.asarray(v2, np.float32))
+  for a, b in zip(g1, g2, strict=True):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  'fused,linear,wshape',
+  [
+    (ops.conv2d_prelu, ops.conv2d_literal, (3, 3, 4, 5)),
+    (ops.matmul_prelu, lambda y, w: y @ w, (4, 6)),
+  ],
+)
+def test_linear_of_prelu_equals_literal(fused, linear, wshape):
+  x = _x((2, 7, 6, 4))
+  slope = jnp.float32(-0.3)  # a learnt slope may turn negative
+  w = _x(wshape, seed=1) * 0.3
+  (v1, g1) = _grads(fused, x, slope, w)
+  (v2, g2) = _grads(lambda x, a, w: linear(ops.prelu_literal(x, a), w), x, slope, w)
+  np.testing.assert_allclose(v1, v2, rtol=1e-5, atol=1e-6)
+  for a, b in zip(g1, g2, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_mrb_resamples_each_map_once():
+  # Column 0 and the mesh bring the same maps down with the same modules: one call each.
+  calls = []
+
+  def count(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and isinstance(context.module, layers.DownSample):
+      calls.append(context.module.name)
+    return next_fun(*args, **kwargs)
+
+  x = _x((1, 8, 8, 16))
+  mrb = mirnet.MRB()
+  with nn.intercept_methods(count):
+    params = mrb.init(jax.random.key(0), x, jnp.float32(0.25))
+    mrb.apply(params, x, jnp.float32(0.25))
+  assert sorted(calls) == sorted(['down_16_2', 'down_32_2', 'down_16_4'] * 2)
+
+
+@pytest.mark.parametrize('remat', ['none', 'rrg'])  # 'rrg' checkpoints both scan bodies
+def test_scanned_blocks_equal_the_unrolled_network(remat):
+  fields = dict(num_features=8, num_rrg=2, num_mrb=2, height=2, remat=remat)
+  x = jax.nn.sigmoid(_x((2, 16, 16, 3)))
+  scanned, unrolled = mirnet.MIRNet(**fields), mirnet.MIRNet(**fields, scan_blocks=False)
+  params = unrolled.init(jax.random.key(0), x)['params']
+  # Same parameter tree (the official layout) either way.
+  assert jax.tree.structure(scanned.init(jax.random.key(0), x)['params']) == jax.tree.structure(
+    params
+  )
+  results = []
+  for model in (scanned, unrolled):
+    loss = lambda p, m=model: jnp.mean(jnp.abs(m.apply({'params': p}, x) - 0.5))
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def _literal_deconv(x, kernel):

@@ -32,9 +32,8 @@ PRELU_INIT = 0.25  # PyTorch's nn.PReLU() default slope
 LEAKY_SLOPE = 0.2  # negative slope of every LeakyReLU of MIRNet-v2
 
 
-def prelu(x: jax.Array, slope: jax.Array) -> jax.Array:
-  """PReLU with one slope for all channels (PyTorch ``nn.PReLU()``)."""
-  return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
+# PReLU with one slope for all channels (PyTorch ``nn.PReLU()``); its backward pass keeps x only.
+prelu = ops.prelu
 
 
 def leaky_relu(x: jax.Array) -> jax.Array:
@@ -42,18 +41,12 @@ def leaky_relu(x: jax.Array) -> jax.Array:
   return jnp.where(x >= 0, x, LEAKY_SLOPE * x)
 
 
-def matmul_channels(x: jax.Array, w: jax.Array) -> jax.Array:
-  """[..., C] @ [C, D] as one 2-D matmul: its gradients are plain matmuls, which XLA:CPU runs
-  ~1.5x faster than those of a 4-D einsum."""
-  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+matmul_channels = ops.matmul_channels  # [..., C] @ [C, D] as one 2-D matmul
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
   """[B, H, W, C] -> [B, 1, 1, C]; the mean is accumulated in float32."""
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
-
-
-conv2d = ops.conv2d  # k x k, stride 1, zero padding k//2, NHWC/HWIO; see ops.py
 
 
 class Conv(nn.Module):
@@ -69,7 +62,9 @@ class Conv(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, slope: jax.Array | None = None) -> jax.Array:
+    """The convolution of ``x``, or of ``prelu(x, slope)`` when a PReLU ``slope`` is given
+    (fused so that the backward pass keeps ``x`` alone, ops.conv2d_prelu)."""
     k, g = self.kernel_size, self.groups
     if x.shape[-1] % g or self.features % g:
       raise ValueError(
@@ -78,12 +73,18 @@ class Conv(nn.Module):
     kernel = self.param('kernel', torch_conv_init, (k, k, x.shape[-1] // g, self.features))
     kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
+    if slope is not None and g == 1:
+      if k == 1:
+        return ops.matmul_prelu(x, slope, kernel[0, 0])
+      return ops.conv2d_prelu(x, slope, kernel)
+    if slope is not None:
+      x = prelu(x, slope)
     if k == 1 and g == 1:
       return matmul_channels(x, kernel[0, 0])
     if g == 1:
-      return conv2d(x, kernel)
+      return ops.conv2d(x, kernel)
     outs = [
-      conv2d(xg, kg)
+      ops.conv2d(xg, kg)
       for xg, kg in zip(jnp.split(x, g, axis=-1), jnp.split(kernel, g, axis=-1), strict=True)
     ]
     return jnp.concatenate(outs, axis=-1)
@@ -93,9 +94,10 @@ class PReLU(nn.Module):
   """PyTorch ``nn.PReLU()``: one learnable slope, initialised at 0.25."""
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array | None = None) -> jax.Array:
+    """``prelu(x)``; with no ``x``, the slope itself, for a ``Conv`` that fuses the PReLU."""
     slope = self.param('slope', nn.initializers.constant(PRELU_INIT), ())
-    return prelu(x, slope)
+    return slope if x is None else prelu(x, slope)
 
 
 def blur_pool(x: jax.Array) -> jax.Array:
@@ -148,7 +150,8 @@ class TransposedConvUp(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, slope: jax.Array | None = None) -> jax.Array:
+    """The transposed conv of ``x``, or of ``prelu(x, slope)`` (fused as in ``Conv``)."""
     k = self.param('kernel', torch_conv_init, (3, 3, x.shape[-1], self.features))
     k = k.astype(self.dtype)
     x = x.astype(self.dtype)
@@ -157,7 +160,8 @@ class TransposedConvUp(nn.Module):
     # Every tap's product with the input, in one matmul: taps[..., t, :] = x @ k[ky, kx] for
     # t = 3 * ky + kx. The shifted inputs of the phase form (x[m + 1, n], ...) become shifted
     # products (a shift commutes with a per-pixel matmul), so the backward pass keeps x only.
-    taps = matmul_channels(x, k.reshape(9, -1, d).transpose(1, 0, 2).reshape(-1, 9 * d))
+    k9 = k.reshape(9, -1, d).transpose(1, 0, 2).reshape(-1, 9 * d)
+    taps = matmul_channels(x, k9) if slope is None else ops.matmul_prelu(x, slope, k9)
     taps = taps.reshape(b, h, w, 9, d)
     t = lambda ky, kx: taps[..., 3 * ky + kx, :]
     down = lambda v: jnp.pad(v[:, 1:], ((0, 0), (0, 1), (0, 0), (0, 0)))  # v[m + 1, n]
@@ -234,7 +238,7 @@ class DAU(nn.Module):
   def __call__(self, x: jax.Array, slope: jax.Array) -> jax.Array:
     c = x.shape[-1]
     r = Conv(c, self.kernel_size, dtype=self.dtype, name='conv_0')(x)
-    r = Conv(c, self.kernel_size, dtype=self.dtype, name='conv_1')(prelu(r, slope))
+    r = Conv(c, self.kernel_size, dtype=self.dtype, name='conv_1')(r, slope)
     sa = SpatialAttention(dtype=self.dtype, name='spatial_attention')(r)
     ca = ChannelAttention(self.reduction, dtype=self.dtype, name='channel_attention')(r)
     fused = AttentionFusion(dtype=self.dtype, name='conv1x1')(r, sa, ca)
@@ -280,8 +284,9 @@ class ResidualDownSample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    top = PReLU(name='top_prelu_0')(Conv(c, 1, dtype=self.dtype, name='top_conv_0')(x))
-    top = PReLU(name='top_prelu_1')(Conv(c, 3, dtype=self.dtype, name='top_conv_1')(top))
+    top = Conv(c, 1, dtype=self.dtype, name='top_conv_0')(x)
+    top = Conv(c, 3, dtype=self.dtype, name='top_conv_1')(top, PReLU(name='top_prelu_0')())
+    top = PReLU(name='top_prelu_1')(top)
     top = Conv(self.factor * c, 1, dtype=self.dtype, name='top_conv_2')(blur_pool(top))
     bot = Conv(self.factor * c, 1, dtype=self.dtype, name='bot_conv')(blur_pool(x))
     return top + bot
@@ -303,9 +308,9 @@ class ResidualUpSample(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     out = c // self.factor
-    top = PReLU(name='top_prelu_0')(Conv(c, 1, dtype=self.dtype, name='top_conv_0')(x))
-    top = PReLU(name='top_prelu_1')(TransposedConvUp(c, dtype=self.dtype, name='top_deconv')(top))
-    top = Conv(out, 1, dtype=self.dtype, name='top_conv_1')(top)
+    top = Conv(c, 1, dtype=self.dtype, name='top_conv_0')(x)
+    top = TransposedConvUp(c, dtype=self.dtype, name='top_deconv')(top, PReLU(name='top_prelu_0')())
+    top = Conv(out, 1, dtype=self.dtype, name='top_conv_1')(top, PReLU(name='top_prelu_1')())
     bot = bilinear_up2(Conv(out, 1, dtype=self.dtype, name='bot_conv')(x))
     return top + bot
 

@@ -8,6 +8,15 @@ convolutions; the one for the kernel has a window as large as the image (e.g. 12
 per kernel tap, dK[ky, kx] = shifted(x)^T @ dY, the same sums cost a few plain GEMMs. The
 input gradient keeps jax's own rule (a convolution with the flipped kernel, which runs at the
 forward's rate). Only the order of the float additions differs from the literal form.
+
+``prelu`` and the linear maps that take a PReLU'd input (``conv2d_prelu``, ``matmul_prelu``)
+are memory reformulations: jax's rule for ``where(x >= 0, x, a * x)`` keeps a boolean mask and
+``x``, and the following convolution keeps its own input ``prelu(x)``, so every activation is
+held three times for the backward pass. These keep only ``x`` and recompute the mask and the
+activation (one element-wise pass) in the backward pass: the same values and gradients. What
+jax hands XLA to keep per MRB (4 x 128x128) drops from ~1.5 to ~0.97 GiB. XLA:CPU's plan for
+the paper step is the same either way (its fusion already recomputes the mask and the
+activation from x); the form makes the saving independent of a backend's fusion choices.
 """
 
 import jax
@@ -23,6 +32,17 @@ def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     padding=((pad, pad), (pad, pad)),
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
   )
+
+
+def prelu_literal(x: jax.Array, slope: jax.Array) -> jax.Array:
+  """PReLU with one slope for all channels (PyTorch ``nn.PReLU()``), jax's own gradient."""
+  return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
+
+
+def matmul_channels(x: jax.Array, w: jax.Array) -> jax.Array:
+  """[..., C] @ [C, D] as one 2-D matmul: its gradients are plain matmuls, which XLA:CPU runs
+  ~1.5x faster than those of a 4-D einsum."""
+  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def conv2d_literal(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -71,3 +91,48 @@ def _conv2d_bwd(residuals, dy):
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+@jax.custom_vjp
+def prelu(x: jax.Array, slope: jax.Array) -> jax.Array:
+  """``prelu_literal`` whose backward pass keeps ``x`` only (no mask)."""
+  return prelu_literal(x, slope)
+
+
+def _prelu_fwd(x: jax.Array, slope: jax.Array):
+  return prelu_literal(x, slope), (x, slope)
+
+
+def _prelu_bwd(residuals, g):
+  x, slope = residuals
+  return jax.vjp(prelu_literal, x, slope)[1](g)
+
+
+prelu.defvjp(_prelu_fwd, _prelu_bwd)
+
+
+def _with_prelu_input(linear):
+  """``f(x, slope, w) = linear(prelu(x, slope), w)`` keeping only ``x``, ``slope`` and ``w``
+  for the backward pass, which recomputes ``prelu(x)`` for ``linear``'s weight gradient."""
+
+  @jax.custom_vjp
+  def f(x: jax.Array, slope: jax.Array, w: jax.Array) -> jax.Array:
+    return linear(prelu_literal(x, slope), w)
+
+  def fwd(x, slope, w):
+    return f(x, slope, w), (x, slope, w)
+
+  def bwd(residuals, g):
+    x, slope, w = residuals
+    y, act_vjp = jax.vjp(prelu_literal, x, slope)
+    dy, dw = jax.vjp(linear, y, w)[1](g)
+    dx, dslope = act_vjp(dy)
+    return dx, dslope, dw
+
+  f.defvjp(fwd, bwd)
+  f.__doc__ = f'``{linear.__name__}(prelu(x, slope), w)``, keeping only the inputs.'
+  return f
+
+
+conv2d_prelu = _with_prelu_input(conv2d)
+matmul_prelu = _with_prelu_input(matmul_channels)
