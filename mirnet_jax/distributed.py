@@ -95,26 +95,31 @@ def barrier(name: str) -> None:
 
 
 class SyncedJit:
-  """A jitted function that, on several processes, compiles ahead and then waits for the peers.
+  """A jitted function compiled ahead for each new argument shape; on several processes each
+  compile is followed by a wait for the peers.
 
   gloo gives each new communicator 30 s to form; a process that compiles a step more slowly
-  than its peers (a loaded host) would fail the first run of it. One process: the plain call.
+  than its peers (a loaded host) would fail the first run of it. ``after_compile`` runs after
+  every compile, before the program first runs (the trainer releases the compiler's freed
+  host memory there, train_state.release_host_memory).
   """
 
-  def __init__(self, jitted: Any):
+  def __init__(self, jitted: Any, after_compile: Any = None):
     self._jitted = jitted
+    self._after_compile = after_compile
     self._compiled: dict[Any, Any] = {}
 
   def __call__(self, *args: Any) -> Any:
-    if _watchdog is None:
-      return self._jitted(*args)
     import jax
 
     leaves, tree = jax.tree.flatten(args)
     key = (tree, tuple((x.shape, x.dtype, getattr(x, 'sharding', None)) for x in leaves))
     if key not in self._compiled:
       self._compiled[key] = self._jitted.lower(*args).compile()
-      barrier('compiled')
+      if self._after_compile is not None:
+        self._after_compile()
+      if _watchdog is not None:
+        barrier('compiled')
     return self._compiled[key](*args)
 
 

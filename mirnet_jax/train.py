@@ -57,6 +57,7 @@ from mirnet_jax.train_state import (  # noqa: F401 - the public names of the tra
   create_train_state,
   make_train_step,
   num_train_steps,
+  release_host_memory,
   train_step,
 )
 
@@ -264,9 +265,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
   step = int(jax.device_get(state.step))
   saved = step if step > 0 else None  # the newest complete checkpoint
   p_train_step = distributed.SyncedJit(
-    make_train_step(mesh, loss_fn, config.loss.get('clamp_output', True))
+    make_train_step(mesh, loss_fn, config.loss.get('clamp_output', True)), release_host_memory
   )
-  eval_step = distributed.SyncedJit(evaluate.make_eval_step(eval_model))
+  eval_step = distributed.SyncedJit(evaluate.make_eval_step(eval_model), release_host_memory)
 
   # Only process 0 writes summaries, history and plots (the others get silent writers).
   writer = summaries.create_writer(workdir_path)

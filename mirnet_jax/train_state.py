@@ -4,6 +4,7 @@
 step can be built and tested without a workdir.
 """
 
+import ctypes
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -201,6 +202,20 @@ def train_step(
 # faster with the latter (47-50 s against 55 s on the README's 2-core machine): the copies
 # cost more than the concurrency gains. Other backends schedule for memory already.
 CPU_COMPILER_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+
+
+def release_host_memory() -> None:
+  """Hands the host memory that the process has freed back to the operating system.
+
+  glibc keeps freed heap pages resident for reuse. XLA's compile of the paper train step
+  frees ~1.5 GiB that way, which the step cannot reuse (its buffers are fresh mappings), so
+  it stays on top of the step's own memory: peak RSS 9.6 GiB for a 7.9 GiB plan.
+  ``malloc_trim(0)`` returns it; no library does this for us. Without glibc, nothing happens.
+  """
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim this way
+    pass
 
 
 def compiler_options() -> dict[str, str]:
