@@ -55,6 +55,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.train.eval_every_steps = 100  # steps between validations
   config.train.checkpoint_every_steps = 100  # steps between checkpoints
   config.train.num_grid_images = 4  # validation images shown as grids
+  config.train.remat = 'none'  # a micro model: memory is no concern, recomputing costs time
 
   config.optim.learning_rate = 5e-4  # peak learning rate (2.5x the paper's: few steps)
   config.optim.end_learning_rate = 1e-6  # learning rate at the end of the cosine decay
