@@ -116,8 +116,8 @@ def repeat_blocks(
   by default because on XLA:CPU the scanned step runs slower (64 s against 43 s without
   remat, 67 s against 46 s with 'mrb', README Performance): the scan copies its stacked
   activations. Initialisation creates every block under its own name either way, so the
-  parameters keep the official layout and checkpoints do not change. ``remat``: each block keeps only its input and runs again in the backward
-  pass (``nn.remat``, ``jax.checkpoint``).
+  parameters keep the official layout and checkpoints do not change. ``remat``: each block
+  keeps only its input and runs again in the backward pass (``nn.remat``, ``jax.checkpoint``).
   """
   x = x.astype(parent.dtype)  # a scan carry keeps one dtype
   if parent.is_initializing() or not parent.scan_blocks or count == 1:
