@@ -93,5 +93,10 @@ def test_compilation_cache_fills_and_a_second_run_loads_from_it(tmp_path):
   assert any(f.startswith('jit_train_step-') for f in first), first
   assert any(f.startswith('jit_eval_step-') for f in first), first
   hits, second = run('second')
-  assert second == first, (first, second)  # nothing new was compiled into the cache
-  assert hits == len(first)  # every cached program was loaded, none recompiled
+  # Every cached program was loaded, none recompiled. A small program (a parameter
+  # initialiser) may newly cross the 0.5 s minimum compile time on a loaded machine and be
+  # added; the steps must not be.
+  assert set(first) <= set(second), (first, second)
+  new = set(second) - set(first)
+  assert not any(f.startswith(('jit_train_step-', 'jit_eval_step-')) for f in new), new
+  assert hits >= len(first)
