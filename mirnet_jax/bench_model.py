@@ -28,6 +28,25 @@ def peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def rss_gib() -> float | None:
+  """This process's resident memory now (None off Linux): with ``peak_rss_gib`` in each event,
+  it shows which phase (compile, buffers, steps) sets the peak."""
+  try:
+    with open('/proc/self/statm') as f:
+      return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def memory_now() -> dict:
+  """``rss_gib`` and ``peak_rss_gib`` so far, rounded, for a progress event."""
+  now = rss_gib()
+  return {
+    'rss_gib': None if now is None else round(now, 3),
+    'peak_rss_gib': round(peak_rss_gib(), 3),
+  }
+
+
 def devices() -> str:
   return f'{jax.device_count()} x {jax.devices()[0].device_kind}'
 
@@ -144,7 +163,9 @@ def bench_model(
 ) -> dict:
   """``train_step`` or ``forward``: compile time, XLA's FLOPs and memory plan, step times.
 
-  Emits ``compile``, one ``step`` per timed step (none with ``compile_only``) and ``summary``
+  Emits ``compile``, ``buffers`` (the arguments allocated), one ``step`` per timed step (none of
+  these two with ``compile_only``; each progress event with ``rss_gib`` and ``peak_rss_gib``) and
+  ``summary``
   (returned too). ``peak_tflops`` 0 measures an f32 GEMM (``bench_xla.gemm_tflops``), except
   with ``compile_only``, where nothing is timed and the peak stays None unless given.
   """
@@ -155,10 +176,11 @@ def bench_model(
   compiled = fn.lower(*abstract).compile()
   compile_s = time.perf_counter() - start
   train_state.release_host_memory()  # as the trainer does after each compile
-  emit({'event': 'compile', 'mode': mode, 'compile_s': round(compile_s, 3)})
+  emit({'event': 'compile', 'mode': mode, 'compile_s': round(compile_s, 3), **memory_now()})
   step_times = []
   if not compile_only:
     args = _concrete_args(abstract, model, tx, mesh)
+    emit({'event': 'buffers', **memory_now()})
     for i in range(steps + 1):
       start = time.perf_counter()
       out = compiled(*args)
@@ -168,7 +190,7 @@ def bench_model(
         args = (out[0], args[1])  # the state was donated
       if i > 0:  # the first call also allocates and warms caches
         step_times.append(elapsed)
-        emit({'event': 'step', 'step': i, 'step_s': round(elapsed, 4)})
+        emit({'event': 'step', 'step': i, 'step_s': round(elapsed, 4), **memory_now()})
   median = float(np.median(step_times)) if step_times else None
   peak_source = 'flag' if peak_tflops > 0 else None
   if peak_tflops <= 0:

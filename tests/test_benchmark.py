@@ -111,7 +111,11 @@ def _forward_flops_of_one_device(model, dtype=jnp.float32) -> float:
 
 def test_forward_reports_the_flops_xla_counts_and_a_measured_peak():
   records, summary = _run_model('forward', peak=0.0)
-  assert [r['event'] for r in records] == ['compile', 'step', 'step', 'summary']
+  assert [r['event'] for r in records] == ['compile', 'buffers', 'step', 'step', 'summary']
+  # Every progress event tells the memory now and the peak so far, which only grows.
+  peaks = [r['peak_rss_gib'] for r in records[:-1]]
+  assert all(0 < r['rss_gib'] <= r['peak_rss_gib'] + 1e-3 for r in records[:-1])
+  assert peaks == sorted(peaks) and peaks[-1] <= summary['peak_rss_gib']
   assert set(summary) == MODEL_SUMMARY_KEYS
   model = create_model(_micro_config().model)
   assert summary['params'] == count_params(param_shapes(model))
@@ -132,7 +136,7 @@ def test_forward_reports_the_flops_xla_counts_and_a_measured_peak():
 
 def test_train_step_reports_the_memory_plan_and_a_given_peak():
   records, summary = _run_model('train_step')
-  assert [r['event'] for r in records] == ['compile', 'step', 'step', 'summary']
+  assert [r['event'] for r in records] == ['compile', 'buffers', 'step', 'step', 'summary']
   assert set(summary) == MODEL_SUMMARY_KEYS
   assert summary['peak_tflops'] == 2.5 and summary['peak_source'] == 'flag'
   assert summary['fraction_of_peak'] == pytest.approx(summary['achieved_tflops'] / 2.5, rel=1e-3)
