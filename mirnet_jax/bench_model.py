@@ -163,9 +163,8 @@ def bench_model(
 ) -> dict:
   """``train_step`` or ``forward``: compile time, XLA's FLOPs and memory plan, step times.
 
-  Emits ``compile``, ``buffers`` (the arguments allocated), one ``step`` per timed step (none of
-  these two with ``compile_only``; each progress event with ``rss_gib`` and ``peak_rss_gib``) and
-  ``summary``
+  Emits ``compile``, then (unless ``compile_only``) ``buffers`` once the arguments exist and one
+  ``step`` per timed step, each of these with ``rss_gib`` and ``peak_rss_gib``; then ``summary``
   (returned too). ``peak_tflops`` 0 measures an f32 GEMM (``bench_xla.gemm_tflops``), except
   with ``compile_only``, where nothing is timed and the peak stays None unless given.
   """
