@@ -77,6 +77,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # 4 x 128x128 on the README's 2-core CPU: 'none' 43 s, XLA plan 7.9 GiB; 'mrb' 46 s,
   # 2.5 GiB (README, Performance), hence the default.
   config.train.remat = 'mrb'
+  # How the backward pass computes the kernel gradients of the 3x3 convolutions (the same
+  # gradients to float32 rounding; models/ops.py). 'taps': one GEMM per kernel tap; 'xla':
+  # XLA's own convolution rule; 'auto': taps on CPU, XLA's rule on GPU and TPU. Which is faster
+  # on a CPU depends on the CPU (README, Performance: the taps halve the step on one 2-core
+  # machine, XLA's rule is 2x faster per kernel gradient on another); `python -m
+  # mirnet_jax.benchmark --mode=kernel_grad` times both here.
+  config.train.conv_kernel_grad = 'auto'
   # jax.profiler trace of this many steps into WORKDIR/plugins/profile/ (TensorBoard's Profile
   # tab under --logdir=WORKDIR; process 0 only). 0 = off.
   config.train.profile_steps = 0  # (steps)

@@ -1,4 +1,5 @@
-"""benchmark.py's ``train_step`` and ``forward`` modes, and the helpers every mode shares.
+"""benchmark.py's ``train_step``, ``forward`` and ``kernel_grad`` modes, and the helpers every
+mode shares.
 
 The step is lowered and compiled from abstract arguments (shapes only), so ``compile_only``
 reports XLA's FLOPs and memory plan of a paper-size step without allocating its buffers; the
@@ -16,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mirnet_jax import bench_xla, config_checks, losses, sharding, train, train_state
-from mirnet_jax.models import count_params, create_model, param_shapes
-from mirnet_jax.models.mirnet import REMAT
+from mirnet_jax.models import MIRNetV2, count_params, create_model, ops, param_shapes
+from mirnet_jax.models.mirnet import REMAT, stream_features
+from mirnet_jax.models.mirnet_v2 import stream_channels
 
 
 def emit(record: dict) -> None:
@@ -65,6 +67,12 @@ def random_params(model: Any, seed: int = 0) -> Any:
     return (rng.normal(0, 1, s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
 
   return jax.tree.map(init, param_shapes(model))
+
+
+def kernel_grad_option(config: Any) -> str:
+  """``config.train.conv_kernel_grad`` ('auto' where the config has none)."""
+  train = config.get('train') or {}
+  return train.get('conv_kernel_grad', 'auto')
 
 
 def resolve_options(config: Any, dtype: str = '', remat: str = '') -> str:
@@ -169,7 +177,7 @@ def bench_model(
   with ``compile_only``, where nothing is timed and the peak stays None unless given.
   """
   mesh = sharding.create_mesh()
-  model = create_model(config.model, remat=remat)
+  model = create_model(config.model, remat=remat, conv_kernel_grad=kernel_grad_option(config))
   fn, abstract, tx = _step_function(config, model, mode, mesh, batch, height, width)
   start = time.perf_counter()
   compiled = fn.lower(*abstract).compile()
@@ -205,6 +213,7 @@ def bench_model(
     'width': width,
     'dtype': config.model.dtype,
     'remat': remat,
+    'conv_kernel_grad': model.conv_kernel_grad,
     'params': count_params(abstract[0] if tx is None else abstract[0].params),
     'compile_s': round(compile_s, 3),
     'step_s_median': None if median is None else round(median, 4),
@@ -217,6 +226,80 @@ def bench_model(
     **bench_xla.memory(compiled),
     'peak_bytes_in_use': bench_xla.device_peak_bytes(),
     'peak_rss_gib': round(peak_rss_gib(), 3),
+    'devices': devices(),
+    'jax': jax.__version__,
+  }
+  emit(summary)
+  return summary
+
+
+def _streams(model: Any) -> list[tuple[int, int]]:
+  """(channels, resolution divisor) of each stream of ``model``, whose 3x3 convolutions
+  dominate the step."""
+  if isinstance(model, MIRNetV2):
+    return [
+      (c, 2**j) for j, c in enumerate(stream_channels(model.num_features, model.channel_factor))
+    ]
+  return [
+    (stream_features(model.num_features, model.channel_factor, j), 2**j)
+    for j in range(model.height)
+  ]
+
+
+def _time_ms(fn: Callable, *args: Any, steps: int) -> float:
+  jax.block_until_ready(fn(*args))  # compiles
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)) * 1e3
+
+
+def bench_kernel_grad(
+  config: Any, *, batch: int, height: int, width: int, steps: int, emit: Callable = emit
+) -> dict:
+  """Times the two forms of ``config.train.conv_kernel_grad`` ('taps', 'xla', models/ops.py)
+  on one 3x3 kernel gradient per stream of the config's model at this batch and crop.
+
+  One ``kernel_grad`` line per stream (milliseconds, medians of ``steps`` calls), then a
+  ``summary`` with the sums, the faster form and what 'auto' resolves to here. The whole train
+  step with each form (``--config.train.conv_kernel_grad=taps`` / ``=xla``) settles it.
+  """
+  model = create_model(config.model)
+  rng = np.random.default_rng(0)
+  taps = jax.jit(lambda x, dy: ops.kernel_grad(x, dy, 3))
+
+  def xla(x, dy):
+    kernel = jnp.zeros((3, 3, x.shape[-1], dy.shape[-1]), x.dtype)
+    return jax.vjp(lambda k: ops.conv2d_literal(x, k), kernel)[1](dy)[0]
+
+  xla = jax.jit(xla)
+  totals = {'taps': 0.0, 'xla': 0.0}
+  for channels, divisor in _streams(model):
+    shape = (batch, height // divisor, width // divisor, channels)
+    x = jnp.asarray(rng.standard_normal(shape, np.float32))
+    dy = jnp.asarray(rng.standard_normal(shape, np.float32))
+    ms = {'taps': _time_ms(taps, x, dy, steps=steps), 'xla': _time_ms(xla, x, dy, steps=steps)}
+    for form, value in ms.items():
+      totals[form] += value
+    emit(
+      {
+        'event': 'kernel_grad',
+        'shape': list(shape),
+        **{f'{k}_ms': round(v, 3) for k, v in ms.items()},
+      }
+    )
+  summary = {
+    'event': 'summary',
+    'mode': 'kernel_grad',
+    'batch': batch,
+    'height': height,
+    'width': width,
+    'taps_ms': round(totals['taps'], 3),
+    'xla_ms': round(totals['xla'], 3),
+    'faster': min(totals, key=totals.get),
+    'auto': ops.resolve_kernel_grad('auto'),
     'devices': devices(),
     'jax': jax.__version__,
   }

@@ -5,6 +5,7 @@ predict; JSON lines.
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=forward --batch=1 --size=400,600
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=train_step --batch=8 --size=128 \\
       --compile_only --remat=mrb --dtype=bfloat16
+  python -m mirnet_jax.benchmark --config=configs/lol.py --mode=kernel_grad --batch=4 --size=128
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=data --steps=300 \\
       --config.data.name=folder --config.data.folder=PAIRS --config.data.validation_percent=0
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=predict --batch=1 --size=3000,4000
@@ -19,6 +20,11 @@ Modes:
   ``--dtype`` and ``--remat`` override ``config.model.dtype`` and ``config.train.remat``;
   ``--compile_only`` stops after the compile (step figures null): the memory plan of a step too
   big to run here.
+  ``--config.train.conv_kernel_grad`` picks the kernel gradients' form; ``summary`` says which.
+* ``kernel_grad``: one 3x3 kernel gradient per stream of the config's model at ``--batch`` x
+  ``--size``, in both forms of ``config.train.conv_kernel_grad`` (models/ops.py). Lines: one
+  ``kernel_grad`` per stream (``taps_ms``, ``xla_ms``), then ``summary`` with the sums, the
+  ``faster`` form and what ``auto`` picks here (``bench_model.bench_kernel_grad``).
 * ``data``: the training input pipeline of the config (its source, ``config.data.cache``,
   ``num_workers``, crops, MixUp, ``config.train.batch_size``) on this process, no model. Lines:
   ``ready`` (seconds to open the source and fill the cache), then ``summary`` with
@@ -51,7 +57,7 @@ from mirnet_jax.models import count_params, create_model
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/lol.py', 'Config file.')
 _MODE = flags.DEFINE_enum(
-  'mode', 'train_step', ['train_step', 'forward', 'data', 'predict'], 'What to time.'
+  'mode', 'train_step', ['train_step', 'forward', 'kernel_grad', 'data', 'predict'], 'What to time.'
 )
 _BATCH = flags.DEFINE_integer(
   'batch', 4, 'Global batch size (images); predict: number of images; data: unused '
@@ -238,6 +244,9 @@ def _run(config: Any, mode: str) -> None:
       compile_only=_COMPILE_ONLY.value,
       peak_tflops=_PEAK_TFLOPS.value,
     )
+  elif mode == 'kernel_grad':
+    h, w = _size()
+    bench_model.bench_kernel_grad(config, batch=_BATCH.value, height=h, width=w, steps=_STEPS.value)
   elif mode == 'data':
     bench_data(config)
   else:

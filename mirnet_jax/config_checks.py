@@ -27,6 +27,7 @@ V2_SIZE_MULTIPLE = 4  # MIRNet-v2's two x2 down-samplings (models/mirnet_v2.py S
 # models/mirnet.py REMAT, spelled out so that checking a config imports neither jax nor flax
 # (main.py checks before jax.distributed starts); tests/test_config_checks.py keeps them equal.
 REMAT = ('none', 'mrb', 'rrg')
+KERNEL_GRADS = ('auto', 'taps', 'xla')  # models/ops.py KERNEL_GRADS, likewise
 
 # Non-numeric keys with a closed set of values (model.dtype has its own messages below).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -34,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
   'optim.schedule': ('warmup_cosine', 'cosine_restart_cyclic'),
   'data.mixup_mode': ('per_image', 'batch_or_identity'),
   'train.remat': REMAT,
+  'train.conv_kernel_grad': KERNEL_GRADS,
 }
 BOOLEANS = ('data.mixup', 'data.cache', 'loss.clamp_output', 'eval.save_images', 'eval.gt_mean')
 

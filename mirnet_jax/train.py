@@ -246,7 +246,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
   mesh = sharding.create_mesh()
   eval_batch = sharding.eval_batch_size(config.data.eval_batch_size, mesh)
   # Remat only changes what the backward pass keeps; validation runs the plain forward.
-  model = create_model(config.model, remat=config.train.get('remat', 'none'))
+  model = create_model(
+    config.model,
+    remat=config.train.get('remat', 'none'),
+    conv_kernel_grad=config.train.get('conv_kernel_grad', 'auto'),
+  )
   eval_model = create_model(config.model)
   loss_fn = losses.create_loss(config.loss)
   train_source = sources.create_source(config.data, 'train')

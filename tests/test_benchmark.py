@@ -47,6 +47,7 @@ MODEL_SUMMARY_KEYS = {
   'width',
   'dtype',
   'remat',
+  'conv_kernel_grad',
   'params',
   'compile_s',
   *STEP_KEYS,
@@ -138,6 +139,7 @@ def test_train_step_reports_the_memory_plan_and_a_given_peak():
   records, summary = _run_model('train_step')
   assert [r['event'] for r in records] == ['compile', 'buffers', 'step', 'step', 'summary']
   assert set(summary) == MODEL_SUMMARY_KEYS
+  assert summary['conv_kernel_grad'] == 'taps'  # 'auto' on the CPU
   assert summary['peak_tflops'] == 2.5 and summary['peak_source'] == 'flag'
   assert summary['fraction_of_peak'] == pytest.approx(summary['achieved_tflops'] / 2.5, rel=1e-3)
   for key in MEMORY_KEYS[:-1]:
@@ -181,11 +183,13 @@ def test_compile_only_forward_cli_takes_dtype_remat_and_config_overrides():
     '--peak_tflops=2.5',
     *MICRO_FLAGS,
     '--config.model.num_features=8',
+    '--config.train.conv_kernel_grad=xla',
   )
   assert [line['event'] for line in lines] == ['compile', 'summary']
   summary = lines[-1]
   assert set(summary) == MODEL_SUMMARY_KEYS
   assert summary['dtype'] == 'bfloat16' and summary['remat'] == 'rrg'
+  assert summary['conv_kernel_grad'] == 'xla'
   cfg = _micro_config(model__num_features=8)
   assert summary['params'] == count_params(param_shapes(create_model(cfg.model)))
   assert summary['output_bytes'] == SIZE * SIZE * 3 * 2  # a bfloat16 image per device
@@ -199,6 +203,32 @@ def test_bad_remat_is_one_line_naming_the_flag():
   lines = [line for line in done.stderr.splitlines() if line.strip() and 'Warning' not in line]
   assert lines == [lines[-1]] and '--remat' in lines[-1] and 'foo' in lines[-1], done.stderr
   assert 'Traceback' not in done.stderr
+
+
+def test_kernel_grad_mode_times_both_forms_per_stream():
+  lines = _bench('--mode=kernel_grad', '--batch=2', '--size=16', '--steps=2', *MICRO_FLAGS,
+                 '--config.model.height=2')  # fmt: skip
+  assert [line['event'] for line in lines] == ['kernel_grad', 'kernel_grad', 'summary']
+  # Stream j: the micro model's 4 * 2**j channels at 16 / 2**j pixels.
+  assert [line['shape'] for line in lines[:2]] == [[2, 16, 16, 4], [2, 8, 8, 8]]
+  summary = lines[-1]
+  for form in ('taps', 'xla'):
+    assert all(line[f'{form}_ms'] > 0 for line in lines[:2])
+    assert summary[f'{form}_ms'] == pytest.approx(
+      sum(line[f'{form}_ms'] for line in lines[:2]), abs=2e-3
+    )
+  assert summary['faster'] == min(('taps', 'xla'), key=lambda f: summary[f'{f}_ms'])
+  assert summary['auto'] == 'taps' and summary['mode'] == 'kernel_grad'
+
+
+def test_bad_conv_kernel_grad_is_one_line_naming_the_key():
+  done = _cli(
+    '--mode=train_step', '--compile_only', *MICRO_FLAGS, '--config.train.conv_kernel_grad=gemm'
+  )
+  assert done.returncode != 0
+  lines = [line for line in done.stderr.splitlines() if line.strip() and 'Warning' not in line]
+  assert lines == [lines[-1]] and 'config.train.conv_kernel_grad' in lines[-1], done.stderr
+  assert 'gemm' in lines[-1] and 'Traceback' not in done.stderr
 
 
 def test_resolve_options_flags_override_the_config():

@@ -245,10 +245,24 @@ def test_remat_choices_are_the_models():
   assert config_checks.CHOICES['train.remat'] == mirnet.REMAT
 
 
+def test_kernel_grad_choices_are_the_models():
+  from mirnet_jax.models import ops
+
+  assert config_checks.KERNEL_GRADS == ops.KERNEL_GRADS
+  assert config_checks.CHOICES['train.conv_kernel_grad'] == ops.KERNEL_GRADS
+  for form in ops.KERNEL_GRADS:
+    assert config_checks.errors(_with(_load('lol.py'), 'train.conv_kernel_grad', form)) == []
+
+
 @pytest.mark.parametrize(
   'key, value, needle',
   [
     ('train.remat', 'foo', "config.train.remat='foo': unknown; must be one of none, mrb, rrg"),
+    (
+      'train.conv_kernel_grad',
+      'gemm',
+      "config.train.conv_kernel_grad='gemm': unknown; must be one of auto, taps, xla",
+    ),
     ('train.profile_steps', -1, 'config.train.profile_steps=-1: must be an integer >= 0'),
     ('train.profile_steps', 2.5, 'config.train.profile_steps=2.5: must be an integer >= 0'),
     ('train.profile_start_step', -3, 'config.train.profile_start_step=-3: must be an integer >='),

@@ -3,6 +3,7 @@ gradients to float32 rounding, in float32 and bfloat16."""
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -194,3 +195,79 @@ def test_remat_gives_the_same_loss_and_gradients(arch):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match='config.train.remat'):
     create_model(fields, remat='everything')
+
+
+def _primitive_counts(f, *args):
+  """How often each primitive occurs in the jaxpr of f's gradients (nested jaxprs included)."""
+  counts = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(lambda *a: _grads(f, *a))(*args).jaxpr)
+  return counts
+
+
+@pytest.mark.parametrize('form', ['taps', 'xla'])
+def test_kernel_grad_form_picks_the_rule_and_keeps_the_gradients(form):
+  x, slope = _x((2, 9, 7, 5)), jnp.float32(0.3)
+  k = _x((3, 3, 5, 6), seed=1) * 0.3
+  literal = _grads(lambda x, a, k: ops.conv2d_literal(ops.prelu_literal(x, a), k), x, slope, k)
+  with ops.kernel_grad_form(form):
+    plain = _grads(ops.conv2d, x, k)
+    fused = _grads(ops.conv2d_prelu, x, slope, k)
+    counts = _primitive_counts(ops.conv2d, x, k)
+  np.testing.assert_allclose(
+    plain[1][1], _grads(ops.conv2d_literal, x, k)[1][1], rtol=1e-5, atol=1e-5
+  )
+  for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(literal), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # 'xla': the kernel gradient is XLA's own convolution, no matmul; 'taps': nine tap GEMMs.
+  assert counts.get('dot_general', 0) == {'taps': 9, 'xla': 0}[form]
+
+
+def test_kernel_grad_form_is_scoped_and_checked():
+  x, k = _x((1, 6, 6, 2)), _x((3, 3, 2, 2), seed=1)
+  with ops.kernel_grad_form('xla'):
+    pass
+  assert _primitive_counts(ops.conv2d, x, k).get('dot_general') == 9  # back to the default taps
+  with pytest.raises(ValueError, match='resolve "auto" first'):
+    with ops.kernel_grad_form('auto'):
+      pass
+
+
+def test_auto_kernel_grad_is_taps_on_cpu_only():
+  assert ops.resolve_kernel_grad('auto', 'cpu') == 'taps'
+  assert ops.resolve_kernel_grad('auto', 'gpu') == 'xla'
+  assert ops.resolve_kernel_grad('auto', 'tpu') == 'xla'
+  assert ops.resolve_kernel_grad('taps', 'gpu') == 'taps'
+  assert ops.resolve_kernel_grad('xla', 'cpu') == 'xla'
+  assert ops.resolve_kernel_grad('auto') == 'taps'  # this suite runs on the CPU
+  with pytest.raises(ValueError, match="config.train.conv_kernel_grad: unknown value 'gemm'"):
+    ops.resolve_kernel_grad('gemm')
+
+
+@pytest.mark.parametrize('arch', ['mirnet', 'mirnet_v2'])
+def test_model_kernel_grad_forms_give_the_same_loss_and_gradients(arch):
+  small = {
+    'mirnet': dict(num_features=8, num_rrg=1, num_mrb=1, height=2, width=2),
+    'mirnet_v2': dict(arch='mirnet_v2', num_features=8, channel_factor=2.0, num_mrb=1),
+  }[arch]
+  x = jax.nn.sigmoid(_x((1, 16, 16, 3)))
+  models = {f: create_model(small, conv_kernel_grad=f) for f in ('taps', 'xla')}
+  assert models['taps'].conv_kernel_grad == 'taps' and models['xla'].conv_kernel_grad == 'xla'
+  assert mirnet.model_config(models['taps']) == mirnet.model_config(models['xla'])
+  params = models['taps'].init(jax.random.key(0), x)['params']
+  results, dots = [], []
+  for model in models.values():
+    loss = lambda p, m=model: jnp.mean(jnp.abs(m.apply({'params': p}, x) - 0.5))
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+    dots.append(_primitive_counts(loss, params).get('dot_general', 0))
+  # The 'xla' step has no tap GEMMs (k*k per k x k convolution; the 1x1s stay matmuls).
+  assert dots[0] - dots[1] >= 9 * 4
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

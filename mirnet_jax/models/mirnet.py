@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mirnet_jax.models import layers, mirnet_v2
+from mirnet_jax.models import layers, mirnet_v2, ops
 
 Dtype = Any
 # config.train.remat: what the backward pass recomputes instead of keeping (nn.remat).
@@ -188,6 +188,9 @@ class MIRNet(nn.Module):
   remat: str = 'none'
   # How the blocks run, not architecture (repeat_blocks): left out of model_config.
   scan_blocks: bool = False
+  # How the train step differentiates 3x3 kernels, 'taps' | 'xla' (ops.py,
+  # config.train.conv_kernel_grad): same gradients to float32 rounding; left out of model_config.
+  conv_kernel_grad: str = 'taps'
 
   @property
   def size_multiple(self) -> int:
@@ -208,25 +211,26 @@ class MIRNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    self.check_input(x.shape)
-    if self.height < 1 or self.width < 1 or self.num_rrg < 1 or self.num_mrb < 1:
-      raise ValueError('MIRNet needs num_rrg, num_mrb, height and width of at least 1')
-    dau_slope = self.param('dau_prelu', nn.initializers.constant(layers.PRELU_INIT), ())
-    conv = lambda c, name: layers.Conv(c, self.kernel_size, dtype=self.dtype, name=name)
-    kwargs = dict(
-      num_mrb=self.num_mrb,
-      height=self.height,
-      width=self.width,
-      channel_factor=self.channel_factor,
-      reduction=self.reduction,
-      kernel_size=self.kernel_size,
-      dtype=self.dtype,
-      remat_mrb=self.remat != 'none',
-      scan_blocks=self.scan_blocks,
-    )
-    y = conv(self.num_features, 'conv_in')(x)
-    y = repeat_blocks(self, RRG, kwargs, 'rrg', self.num_rrg, y, dau_slope, self.remat == 'rrg')
-    return conv(3, 'conv_out')(y) + x.astype(self.dtype)
+    with ops.kernel_grad_form(self.conv_kernel_grad):  # trace-time choice (ops.py)
+      self.check_input(x.shape)
+      if self.height < 1 or self.width < 1 or self.num_rrg < 1 or self.num_mrb < 1:
+        raise ValueError('MIRNet needs num_rrg, num_mrb, height and width of at least 1')
+      dau_slope = self.param('dau_prelu', nn.initializers.constant(layers.PRELU_INIT), ())
+      conv = lambda c, name: layers.Conv(c, self.kernel_size, dtype=self.dtype, name=name)
+      kwargs = dict(
+        num_mrb=self.num_mrb,
+        height=self.height,
+        width=self.width,
+        channel_factor=self.channel_factor,
+        reduction=self.reduction,
+        kernel_size=self.kernel_size,
+        dtype=self.dtype,
+        remat_mrb=self.remat != 'none',
+        scan_blocks=self.scan_blocks,
+      )
+      y = conv(self.num_features, 'conv_in')(x)
+      y = repeat_blocks(self, RRG, kwargs, 'rrg', self.num_rrg, y, dau_slope, self.remat == 'rrg')
+      return conv(3, 'conv_out')(y) + x.astype(self.dtype)
 
 
 # config.model.arch -> the Linen class it builds. A config or model.json without ``arch``
@@ -236,19 +240,27 @@ DEFAULT_ARCH = 'mirnet'
 Model = MIRNet | mirnet_v2.MIRNetV2
 
 
+# How a model trains or runs, not what it computes: never part of model_config.
+_NOT_ARCHITECTURE = {'parent', 'name', 'remat', 'scan_blocks', 'conv_kernel_grad'}
+
+
 def _fields(cls: type) -> set[str]:
-  return set(cls.__dataclass_fields__) - {'parent', 'name', 'remat', 'scan_blocks'}
+  return set(cls.__dataclass_fields__) - _NOT_ARCHITECTURE
 
 
-def create_model(model_config: Any, remat: str = 'none') -> Model:
+def create_model(model_config: Any, remat: str = 'none', conv_kernel_grad: str = 'auto') -> Model:
   """Builds the network from the ``config.model`` section (a mapping; dtype given by name).
 
   ``arch`` picks the architecture ('mirnet' when absent); the other keys are the
   constructor's attributes of that architecture. ``remat`` (``config.train.remat``, one of
-  ``REMAT``) only changes what training keeps in memory, never the outputs or the parameters.
+  ``REMAT``) only changes what training keeps in memory, and ``conv_kernel_grad``
+  (``config.train.conv_kernel_grad``, one of ``ops.KERNEL_GRADS``; 'auto' is resolved here, by
+  the default backend) only how the kernel gradients are computed: never the outputs or the
+  parameters.
   """
   if remat not in REMAT:
     raise ValueError(f'config.train.remat: unknown value {remat!r}; known: {list(REMAT)}')
+  kernel_grad = ops.resolve_kernel_grad(conv_kernel_grad)
   fields = dict(model_config)
   arch = fields.pop('arch', DEFAULT_ARCH)
   if arch not in ARCHITECTURES:
@@ -268,7 +280,7 @@ def create_model(model_config: Any, remat: str = 'none') -> Model:
       f'config.model: unknown keys {unknown} for config.model.arch={arch!r}; '
       f'known: {sorted(known | {"arch", "dtype"})}'
     )
-  model = cls(dtype=dtype, remat=remat, **fields)
+  model = cls(dtype=dtype, remat=remat, conv_kernel_grad=kernel_grad, **fields)
   if isinstance(model, mirnet_v2.MIRNetV2):
     model.check_config()
   return model

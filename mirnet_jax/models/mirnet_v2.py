@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mirnet_jax.models import layers
+from mirnet_jax.models import layers, ops
 
 Dtype = Any
 RRG_GROUPS = (1, 2, 4, 4)  # convolution groups of the RCBs of RRG 0..3 (fixed by the paper)
@@ -179,6 +179,8 @@ class MIRNetV2(nn.Module):
   # Training memory, not architecture (mirnet.REMAT, config.train.remat): 'none' | 'mrb' |
   # 'rrg'; left out of model_config.
   remat: str = 'none'
+  # 'taps' | 'xla' (ops.py, config.train.conv_kernel_grad); left out of model_config.
+  conv_kernel_grad: str = 'taps'
 
   @property
   def size_multiple(self) -> int:
@@ -221,17 +223,18 @@ class MIRNetV2(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     self.check_input(x.shape)
     self.check_config()
-    conv = lambda c, name: layers.Conv(c, 3, dtype=self.dtype, name=name)
-    rrg_cls = nn.remat(RRG) if self.remat == 'rrg' else RRG
-    y = conv(self.num_features, 'conv_in')(x)
-    for r, groups in enumerate(RRG_GROUPS):
-      y = rrg_cls(
-        self.num_mrb,
-        self.channel_factor,
-        groups,
-        self.reduction,
-        self.dtype,
-        remat_mrb=self.remat != 'none',
-        name=f'rrg_{r}',
-      )(y)
-    return conv(3, 'conv_out')(y) + x.astype(self.dtype)
+    with ops.kernel_grad_form(self.conv_kernel_grad):  # trace-time choice (ops.py)
+      conv = lambda c, name: layers.Conv(c, 3, dtype=self.dtype, name=name)
+      rrg_cls = nn.remat(RRG) if self.remat == 'rrg' else RRG
+      y = conv(self.num_features, 'conv_in')(x)
+      for r, groups in enumerate(RRG_GROUPS):
+        y = rrg_cls(
+          self.num_mrb,
+          self.channel_factor,
+          groups,
+          self.reduction,
+          self.dtype,
+          remat_mrb=self.remat != 'none',
+          name=f'rrg_{r}',
+        )(y)
+      return conv(3, 'conv_out')(y) + x.astype(self.dtype)

@@ -3,11 +3,21 @@
 ``conv2d`` is ``lax.conv_general_dilated`` (stride 1, zero padding k//2, NHWC/HWIO) with a
 hand-written gradient for the kernel. jax differentiates a convolution into two
 convolutions; the one for the kernel has a window as large as the image (e.g. 128x128 with a
-3x3 output), which XLA:CPU runs 5-18x slower than the forward convolution (64 channels at
-4x128x128: 935 ms against 62 ms on the 2-core machine of the README). Written as one matmul
-per kernel tap, dK[ky, kx] = shifted(x)^T @ dY, the same sums cost a few plain GEMMs. The
-input gradient keeps jax's own rule (a convolution with the flipped kernel, which runs at the
-forward's rate). Only the order of the float additions differs from the literal form.
+3x3 output), which XLA:CPU runs 5-18x slower than the forward convolution on some CPUs
+(64 channels at 4x128x128: 935 ms against 62 ms on the slower 2-core machine of the README).
+Written as one matmul per kernel tap, dK[ky, kx] = shifted(x)^T @ dY, the same sums cost a few
+plain GEMMs. The input gradient keeps jax's own rule (a convolution with the flipped kernel,
+which runs at the forward's rate). Only the order of the float additions differs from the
+literal form.
+
+Which kernel gradient is faster depends on the machine, not only the backend: on another
+2-core CPU (AMD EPYC, AVX-512) XLA's own rule runs 2x faster than the taps (44 against 87 ms
+at 64 channels). ``config.train.conv_kernel_grad`` picks the form ('taps', 'xla', or 'auto':
+the taps on CPU, XLA's rule on GPU and TPU, whose convolution libraries compute kernel
+gradients at full rate). The model sets it for the trace (``kernel_grad_form``), the way
+``jax.default_matmul_precision`` scopes a setting: the choice is made when the forward pass is
+traced, and each form carries its own backward rule. ``python -m mirnet_jax.benchmark
+--mode=kernel_grad`` times both forms on this machine.
 
 ``prelu`` and the linear maps that take a PReLU'd input (``conv2d_prelu``, ``matmul_prelu``)
 are memory reformulations: jax's rule for ``where(x >= 0, x, a * x)`` keeps a boolean mask and
@@ -19,8 +29,15 @@ the paper step is the same either way (its fusion already recomputes the mask an
 activation from x); the form makes the saving independent of a backend's fusion choices.
 """
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
+
+KERNEL_GRADS = ('auto', 'taps', 'xla')  # config.train.conv_kernel_grad
+_KERNEL_GRAD = contextvars.ContextVar('mirnet_conv_kernel_grad', default='taps')
 
 
 def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -74,8 +91,9 @@ def kernel_grad(x: jax.Array, dy: jax.Array, size: int) -> jax.Array:
 
 
 @jax.custom_vjp
-def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """k x k convolution (odd k), stride 1, zero padding k//2: [B, H, W, C] x [k, k, C, D]."""
+def conv2d_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """k x k convolution (odd k), stride 1, zero padding k//2: [B, H, W, C] x [k, k, C, D];
+  its kernel gradient is ``kernel_grad``'s tap GEMMs."""
   return _conv(x, kernel)
 
 
@@ -90,7 +108,7 @@ def _conv2d_bwd(residuals, dy):
   return dx, dk
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+conv2d_taps.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 @jax.custom_vjp
@@ -134,5 +152,45 @@ def _with_prelu_input(linear):
   return f
 
 
-conv2d_prelu = _with_prelu_input(conv2d)
+conv2d_prelu_taps = _with_prelu_input(conv2d_taps)
+conv2d_prelu_literal = _with_prelu_input(conv2d_literal)
 matmul_prelu = _with_prelu_input(matmul_channels)
+
+
+def resolve_kernel_grad(form: str, backend: str | None = None) -> str:
+  """'taps' or 'xla' for a ``config.train.conv_kernel_grad`` value ('auto': by backend)."""
+  if form not in KERNEL_GRADS:
+    raise ValueError(
+      f'config.train.conv_kernel_grad: unknown value {form!r}; known: {list(KERNEL_GRADS)}'
+    )
+  if form != 'auto':
+    return form
+  return 'taps' if (backend or jax.default_backend()) == 'cpu' else 'xla'
+
+
+@contextlib.contextmanager
+def kernel_grad_form(form: str) -> Iterator[None]:
+  """Within this context, ``conv2d`` and ``conv2d_prelu`` trace with the ``form`` ('taps' or
+  'xla') of the kernel gradient; outside any, with the taps."""
+  if form not in ('taps', 'xla'):
+    raise ValueError(f'kernel_grad_form: {form!r} is not one of taps, xla (resolve "auto" first)')
+  token = _KERNEL_GRAD.set(form)
+  try:
+    yield
+  finally:
+    _KERNEL_GRAD.reset(token)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """k x k convolution (odd k), stride 1, zero padding k//2, with the kernel gradient of the
+  current ``kernel_grad_form``: [B, H, W, C] x [k, k, C, D]."""
+  if _KERNEL_GRAD.get() == 'xla':
+    return conv2d_literal(x, kernel)
+  return conv2d_taps(x, kernel)
+
+
+def conv2d_prelu(x: jax.Array, slope: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``conv2d(prelu(x, slope), kernel)`` keeping only the inputs for the backward pass."""
+  if _KERNEL_GRAD.get() == 'xla':
+    return conv2d_prelu_literal(x, slope, kernel)
+  return conv2d_prelu_taps(x, slope, kernel)
