@@ -69,12 +69,6 @@ def random_params(model: Any, seed: int = 0) -> Any:
   return jax.tree.map(init, param_shapes(model))
 
 
-def kernel_grad_option(config: Any) -> str:
-  """``config.train.conv_kernel_grad`` ('auto' where the config has none)."""
-  train = config.get('train') or {}
-  return train.get('conv_kernel_grad', 'auto')
-
-
 def resolve_options(config: Any, dtype: str = '', remat: str = '') -> str:
   """Applies ``--dtype`` to ``config.model.dtype``; returns the remat policy of the run.
 
@@ -177,7 +171,8 @@ def bench_model(
   with ``compile_only``, where nothing is timed and the peak stays None unless given.
   """
   mesh = sharding.create_mesh()
-  model = create_model(config.model, remat=remat, conv_kernel_grad=kernel_grad_option(config))
+  kernel_grad = config.train.get('conv_kernel_grad', 'auto')
+  model = create_model(config.model, remat=remat, conv_kernel_grad=kernel_grad)
   fn, abstract, tx = _step_function(config, model, mode, mesh, batch, height, width)
   start = time.perf_counter()
   compiled = fn.lower(*abstract).compile()

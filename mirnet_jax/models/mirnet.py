@@ -210,27 +210,27 @@ class MIRNet(nn.Module):
       )
 
   @nn.compact
+  @ops.traced_with_kernel_grad  # the kernel gradients' form, chosen at trace time
   def __call__(self, x: jax.Array) -> jax.Array:
-    with ops.kernel_grad_form(self.conv_kernel_grad):  # trace-time choice (ops.py)
-      self.check_input(x.shape)
-      if self.height < 1 or self.width < 1 or self.num_rrg < 1 or self.num_mrb < 1:
-        raise ValueError('MIRNet needs num_rrg, num_mrb, height and width of at least 1')
-      dau_slope = self.param('dau_prelu', nn.initializers.constant(layers.PRELU_INIT), ())
-      conv = lambda c, name: layers.Conv(c, self.kernel_size, dtype=self.dtype, name=name)
-      kwargs = dict(
-        num_mrb=self.num_mrb,
-        height=self.height,
-        width=self.width,
-        channel_factor=self.channel_factor,
-        reduction=self.reduction,
-        kernel_size=self.kernel_size,
-        dtype=self.dtype,
-        remat_mrb=self.remat != 'none',
-        scan_blocks=self.scan_blocks,
-      )
-      y = conv(self.num_features, 'conv_in')(x)
-      y = repeat_blocks(self, RRG, kwargs, 'rrg', self.num_rrg, y, dau_slope, self.remat == 'rrg')
-      return conv(3, 'conv_out')(y) + x.astype(self.dtype)
+    self.check_input(x.shape)
+    if self.height < 1 or self.width < 1 or self.num_rrg < 1 or self.num_mrb < 1:
+      raise ValueError('MIRNet needs num_rrg, num_mrb, height and width of at least 1')
+    dau_slope = self.param('dau_prelu', nn.initializers.constant(layers.PRELU_INIT), ())
+    conv = lambda c, name: layers.Conv(c, self.kernel_size, dtype=self.dtype, name=name)
+    kwargs = dict(
+      num_mrb=self.num_mrb,
+      height=self.height,
+      width=self.width,
+      channel_factor=self.channel_factor,
+      reduction=self.reduction,
+      kernel_size=self.kernel_size,
+      dtype=self.dtype,
+      remat_mrb=self.remat != 'none',
+      scan_blocks=self.scan_blocks,
+    )
+    y = conv(self.num_features, 'conv_in')(x)
+    y = repeat_blocks(self, RRG, kwargs, 'rrg', self.num_rrg, y, dau_slope, self.remat == 'rrg')
+    return conv(3, 'conv_out')(y) + x.astype(self.dtype)
 
 
 # config.model.arch -> the Linen class it builds. A config or model.json without ``arch``

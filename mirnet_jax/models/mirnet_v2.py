@@ -220,21 +220,21 @@ class MIRNetV2(nn.Module):
       )
 
   @nn.compact
+  @ops.traced_with_kernel_grad  # the kernel gradients' form, chosen at trace time
   def __call__(self, x: jax.Array) -> jax.Array:
     self.check_input(x.shape)
     self.check_config()
-    with ops.kernel_grad_form(self.conv_kernel_grad):  # trace-time choice (ops.py)
-      conv = lambda c, name: layers.Conv(c, 3, dtype=self.dtype, name=name)
-      rrg_cls = nn.remat(RRG) if self.remat == 'rrg' else RRG
-      y = conv(self.num_features, 'conv_in')(x)
-      for r, groups in enumerate(RRG_GROUPS):
-        y = rrg_cls(
-          self.num_mrb,
-          self.channel_factor,
-          groups,
-          self.reduction,
-          self.dtype,
-          remat_mrb=self.remat != 'none',
-          name=f'rrg_{r}',
-        )(y)
-      return conv(3, 'conv_out')(y) + x.astype(self.dtype)
+    conv = lambda c, name: layers.Conv(c, 3, dtype=self.dtype, name=name)
+    rrg_cls = nn.remat(RRG) if self.remat == 'rrg' else RRG
+    y = conv(self.num_features, 'conv_in')(x)
+    for r, groups in enumerate(RRG_GROUPS):
+      y = rrg_cls(
+        self.num_mrb,
+        self.channel_factor,
+        groups,
+        self.reduction,
+        self.dtype,
+        remat_mrb=self.remat != 'none',
+        name=f'rrg_{r}',
+      )(y)
+    return conv(3, 'conv_out')(y) + x.astype(self.dtype)

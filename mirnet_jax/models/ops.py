@@ -31,6 +31,7 @@ activation from x); the form makes the saving independent of a backend's fusion 
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -179,6 +180,18 @@ def kernel_grad_form(form: str) -> Iterator[None]:
     yield
   finally:
     _KERNEL_GRAD.reset(token)
+
+
+def traced_with_kernel_grad(call):
+  """Decorates a model's ``__call__`` (under ``nn.compact``) to trace inside
+  ``kernel_grad_form(self.conv_kernel_grad)``."""
+
+  @functools.wraps(call)
+  def wrapped(self, *args, **kwargs):
+    with kernel_grad_form(self.conv_kernel_grad):
+      return call(self, *args, **kwargs)
+
+  return wrapped
 
 
 def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
