@@ -85,6 +85,35 @@ def test_linear_of_prelu_equals_literal(fused, linear, wshape):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+def test_after_passes_its_input_through():
+  x = jnp.asarray([1.5, -2.0, 0.0, 3e38], jnp.float32)
+  for scalar in (0.0, -7.25, 1e30, np.inf, -np.inf):
+    np.testing.assert_array_equal(ops.after(x, jnp.float32(scalar)), x)
+  assert ops.after(x.astype(jnp.bfloat16), jnp.float32(2.0)).dtype == jnp.bfloat16
+  assert np.isnan(ops.after(x, jnp.float32(np.nan))).all()
+
+
+@pytest.mark.parametrize('form', ['conv2d_taps', 'conv2d_prelu_literal'])
+def test_input_gradient_waits_for_the_weight_gradients(form):
+  # The one difference from the literal forms, the price of the order (ops.after): a NaN
+  # weight gradient makes the input gradient NaN too, where jax's rule keeps it finite; the
+  # step is non-finite either way.
+  x = _x((1, 4, 4, 2)).at[0, 0, 0, 0].set(np.nan)  # NaN kernel and slope gradients
+  w = _x((3, 3, 2, 2), seed=1)
+  g = _x((1, 4, 4, 2), seed=2)
+  slope = jnp.float32(0.25)
+  if form == 'conv2d_taps':
+    f, literal, args = ops.conv2d_taps, ops.conv2d_literal, (x, w)
+  else:
+    f, args = ops.conv2d_prelu_literal, (x, slope, w)
+    literal = lambda x, a, w: ops.conv2d_literal(ops.prelu_literal(x, a), w)
+  got, want = jax.vjp(f, *args)[1](g), jax.vjp(literal, *args)[1](g)
+  for a, b in zip(got[1:], want[1:], strict=True):  # the weight gradients: the same
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert np.isnan(a).any()
+  assert np.isnan(got[0]).all() and np.isfinite(want[0]).all()
+
+
 def test_mrb_resamples_each_map_once():
   # Column 0 and the mesh bring the same maps down with the same modules: one call each.
   calls = []
