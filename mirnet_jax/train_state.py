@@ -6,6 +6,7 @@ step can be built and tested without a workdir.
 
 import ctypes
 import functools
+import gc
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -201,7 +202,16 @@ def train_step(
 # GiB of temporaries against 9.5 GiB with the memory-optimised scheduler, and the step is
 # faster with the latter (47-50 s against 55 s on the README's 2-core machine): the copies
 # cost more than the concurrency gains. Other backends schedule for memory already.
-CPU_COMPILER_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+#
+# XLA:CPU also runs a CSE pass after it has removed the optimisation barriers by which
+# jax.checkpoint keeps a recomputation apart from the forward pass; that pass merges the start
+# of every rematerialised block back into the forward, whose values are then kept for the
+# whole step (0.34 GB of the paper plan with 'mrb'; in a toy, all of the recomputation).
+# No pass named 'cse' runs: the traced step holds no other duplicates to merge.
+CPU_COMPILER_OPTIONS = {
+  'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED',
+  'xla_disable_hlo_passes': 'cse',
+}
 
 
 def release_host_memory() -> None:
@@ -211,7 +221,12 @@ def release_host_memory() -> None:
   frees ~1.5 GiB that way, which the step cannot reuse (its buffers are fresh mappings), so
   it stays on top of the step's own memory: peak RSS 9.6 GiB for a 7.9 GiB plan.
   ``malloc_trim(0)`` returns it; no library does this for us. Without glibc, nothing happens.
+  First jax's tracing and lowering caches are dropped (``jax.clear_caches``; ~0.09 GiB of
+  jaxprs for the paper step): the callers keep their compiled programs (``SyncedJit``), and a
+  small jitted function used again is traced again.
   """
+  jax.clear_caches()
+  gc.collect()
   try:
     ctypes.CDLL('libc.so.6').malloc_trim(0)
   except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim this way

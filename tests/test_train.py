@@ -16,7 +16,7 @@ import optax
 import pytest
 import tiny
 
-from mirnet_jax import checkpoints, convert, losses, sharding, train
+from mirnet_jax import bench_xla, checkpoints, convert, losses, sharding, train, train_state
 from mirnet_jax.models import param_shapes
 
 REPO = tiny.REPO
@@ -64,6 +64,27 @@ def uninterrupted(tmp_path_factory, cache_dir):
   workdir = tmp_path_factory.mktemp('uninterrupted')
   train.train_and_evaluate(tiny.config(), str(workdir))
   return workdir
+
+
+def test_the_step_compiler_options_keep_the_recomputation_of_checkpointed_blocks():
+  # With XLA:CPU's defaults this toy's recomputation is merged back into the forward pass
+  # (the same FLOPs with and without jax.checkpoint): train_state.CPU_COMPILER_OPTIONS.
+  w, x = jnp.full((64, 64), 0.01), jnp.ones((32, 64))
+
+  def block(x, w):
+    for _ in range(3):
+      x = jnp.tanh(x @ w)
+    return x
+
+  def step_flops(remat):
+    f = jax.checkpoint(block) if remat else block
+    grad = jax.grad(lambda w, x: jnp.sum(f(f(x, w), w)))
+    return bench_xla.flops(
+      jax.jit(grad, compiler_options=train_state.compiler_options()).lower(w, x).compile()
+    )
+
+  assert jax.default_backend() == 'cpu'
+  assert step_flops(True) > 1.1 * step_flops(False)  # the recomputed matmuls are there
 
 
 def test_run_writes_summaries_checkpoints_and_lowers_the_loss(uninterrupted):
