@@ -20,7 +20,8 @@ Dtype = Any
 # config.train.remat: what the backward pass recomputes instead of keeping (nn.remat).
 #   'none': nothing; 'mrb': each MRB keeps only its input and is run again in the backward
 #   pass (one extra forward); 'rrg': each RRG keeps only its input, and its MRBs are
-#   rematerialised inside it (two extra forwards, the least memory).
+#   rematerialised inside it (two extra forwards; on XLA:CPU no less memory than 'mrb': the
+#   backward pass of one MRB sets the peak either way, README Performance).
 REMAT = ('none', 'mrb', 'rrg')
 # float16 is left out on purpose: without loss scaling its gradients overflow to Inf while the
 # loss stays finite (issue 11); config_checks refuses it by name before anything runs.
