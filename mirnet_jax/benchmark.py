@@ -6,6 +6,7 @@ predict; JSON lines.
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=train_step --batch=8 --size=128 \\
       --compile_only --remat=mrb --dtype=bfloat16
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=kernel_grad --batch=4 --size=128
+  python -m mirnet_jax.benchmark --config=configs/lol.py --mode=ops --batch=4 --size=128
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=data --steps=300 \\
       --config.data.name=folder --config.data.folder=PAIRS --config.data.validation_percent=0
   python -m mirnet_jax.benchmark --config=configs/lol.py --mode=predict --batch=1 --size=3000,4000
@@ -25,6 +26,11 @@ Modes:
   ``--size``, in both forms of ``config.train.conv_kernel_grad`` (models/ops.py). Lines: one
   ``kernel_grad`` per stream (``taps_ms``, ``xla_ms``), then ``summary`` with the sums, the
   ``faster`` form and what ``auto`` picks here (``bench_model.bench_kernel_grad``).
+* ``ops``: where one step's time goes (``--ops_of=train_step|forward``, with ``--batch``,
+  ``--size``, ``--dtype``, ``--remat``): one traced step after a warm-up, its XLA operations
+  summed by pass (forward, backward, other), layer, jax primitive and XLA kind. Lines: the
+  ``--ops_top`` largest ``op`` rows (``thunk_s``, ``share``, ``calls``), then ``summary`` with
+  the totals by pass, kind and primitive (``bench_ops``).
 * ``data``: the training input pipeline of the config (its source, ``config.data.cache``,
   ``num_workers``, crops, MixUp, ``config.train.batch_size``) on this process, no model. Lines:
   ``ready`` (seconds to open the source and fill the cache), then ``summary`` with
@@ -50,14 +56,17 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mirnet_jax import bench_model, predict
+from mirnet_jax import bench_model, bench_ops, predict
 from mirnet_jax.bench_model import emit
 from mirnet_jax.data import pipeline, sources
 from mirnet_jax.models import count_params, create_model
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/lol.py', 'Config file.')
 _MODE = flags.DEFINE_enum(
-  'mode', 'train_step', ['train_step', 'forward', 'kernel_grad', 'data', 'predict'], 'What to time.'
+  'mode',
+  'train_step',
+  ['train_step', 'forward', 'kernel_grad', 'ops', 'data', 'predict'],
+  'What to time.',
 )
 _BATCH = flags.DEFINE_integer(
   'batch', 4, 'Global batch size (images); predict: number of images; data: unused '
@@ -86,6 +95,10 @@ _PEAK_TFLOPS = flags.DEFINE_float(
   'peak_tflops', 0.0, 'train_step/forward: one device\'s peak TFLOP/s for fraction_of_peak '
   '(0 = measure a float32 2048x2048 GEMM on the first device).'
 )  # fmt: skip
+_OPS_OF = flags.DEFINE_string(
+  'ops_of', 'train_step', 'ops: the step to trace, train_step or forward.'
+)
+_OPS_TOP = flags.DEFINE_integer('ops_top', 40, 'ops: how many of the largest rows to print.')
 _REFERENCE = flags.DEFINE_integer(
   'reference', 0, 'predict: also time one forward of a REFERENCExREFERENCE image (0 = none).'
 )
@@ -247,6 +260,17 @@ def _run(config: Any, mode: str) -> None:
   elif mode == 'kernel_grad':
     h, w = _size()
     bench_model.bench_kernel_grad(config, batch=_BATCH.value, height=h, width=w, steps=_STEPS.value)
+  elif mode == 'ops':
+    h, w = _size()
+    bench_ops.bench_ops(
+      config,
+      of=_OPS_OF.value,
+      batch=_BATCH.value,
+      height=h,
+      width=w,
+      remat=bench_model.resolve_options(config, _DTYPE.value, _REMAT.value),
+      top=_OPS_TOP.value,
+    )
   elif mode == 'data':
     bench_data(config)
   else:

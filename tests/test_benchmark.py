@@ -310,3 +310,30 @@ def test_predict_mode_spreads_the_tiles_over_the_devices():
   assert summary['tiles_per_device'] == [6, 6, 6, 6]
   assert summary['processed_over_image_pixels'] == pytest.approx(6 * 96 * 96 / (128 * 192))
   assert summary['megapixels_per_s'] > 0 and summary['peak_rss_gib'] > 0
+
+
+def test_ops_mode_sums_the_traced_step_by_pass_and_layer():
+  from mirnet_jax import bench_ops
+
+  lines = []
+  summary = bench_ops.bench_ops(
+    tiny.config(), of='train_step', batch=4, height=32, width=32, top=5, emit=lines.append
+  )
+  rows = [r for r in lines if r['event'] == 'op']
+  assert 0 < len(rows) <= 5 and lines[-1] is summary and summary['events'] > 0
+  assert summary['by_pass']['forward'] > 0 and summary['by_pass']['backward'] > 0
+  assert abs(sum(summary['by_pass'].values()) - summary['thunk_s']) < 1e-3
+  assert all(r['thunk_s'] <= summary['thunk_s'] and r['calls'] >= 1 for r in rows)
+  # The module path with block indices folded, and the custom_vjp's repeated path dropped.
+  name = 'transpose(jvp(MIRNet))/rrg_1/mrb_0/dau_0/conv_1/transpose(jvp())/rrg_1/dot_general'
+  assert bench_ops.classify(name, 'train_step') == (
+    'backward',
+    'rrg_*/mrb_*/dau_0/conv_1',
+    'dot_general',
+  )
+  assert bench_ops.classify('jit(f)/jvp(MIRNet)/conv_in/conv', 'train_step')[:2] == (
+    'forward',
+    'conv_in',
+  )
+  with pytest.raises(ValueError, match='--ops_of'):
+    bench_ops.bench_ops(tiny.config(), of='eval', batch=4, height=32, width=32)
