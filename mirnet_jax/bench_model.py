@@ -10,7 +10,7 @@ import json
 import resource
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +127,7 @@ def _step_function(config: Any, model: Any, mode: str, mesh: Any, batch: int, h:
   return fn, (state, {'low': image, 'high': image}), tx
 
 
-def _concrete_args(abstract: tuple, model: Any, tx: Any, mesh: Any) -> tuple:
+def concrete_args(abstract: tuple, model: Any, tx: Any, mesh: Any) -> tuple:
   """Random buffers for ``abstract`` (random parameters, images, a fresh optimiser state)."""
   repl = sharding.replicated(mesh)
   params = jax.device_put(random_params(model), repl)
@@ -150,6 +150,48 @@ def _concrete_args(abstract: tuple, model: Any, tx: Any, mesh: Any) -> tuple:
   return state, images
 
 
+class CompiledStep(NamedTuple):
+  """A compiled ``train_step`` or ``forward`` of the config's model, from shapes alone."""
+
+  model: Any
+  compiled: Any
+  abstract: tuple  # the abstract arguments it was compiled for
+  tx: Any  # the optimiser (train_step) or None (forward)
+  mesh: Any
+  compile_s: float
+
+  def args(self) -> tuple:
+    """Random buffers for the step's arguments (``concrete_args``)."""
+    return concrete_args(self.abstract, self.model, self.tx, self.mesh)
+
+  def fields(self, config: Any, batch: int, height: int, width: int, remat: str) -> dict:
+    """The summary keys every mode that runs a step reports, in this order."""
+    return {
+      'batch': batch,
+      'height': height,
+      'width': width,
+      'dtype': config.model.dtype,
+      'remat': remat,
+      'conv_kernel_grad': self.model.conv_kernel_grad,
+    }
+
+
+def compile_step(
+  config: Any, mode: str, batch: int, height: int, width: int, remat: str
+) -> CompiledStep:
+  """Builds the model (``config.train.conv_kernel_grad``, ``remat``) and lowers and compiles
+  its ``mode`` step, then hands the compiler's freed memory back as the trainer does."""
+  mesh = sharding.create_mesh()
+  kernel_grad = config.train.get('conv_kernel_grad', 'auto')
+  model = create_model(config.model, remat=remat, conv_kernel_grad=kernel_grad)
+  fn, abstract, tx = _step_function(config, model, mode, mesh, batch, height, width)
+  start = time.perf_counter()
+  compiled = fn.lower(*abstract).compile()
+  compile_s = time.perf_counter() - start
+  train_state.release_host_memory()  # as the trainer does after each compile
+  return CompiledStep(model, compiled, abstract, tx, mesh, compile_s)
+
+
 def bench_model(
   config: Any,
   mode: str,
@@ -170,18 +212,12 @@ def bench_model(
   (returned too). ``peak_tflops`` 0 measures an f32 GEMM (``bench_xla.gemm_tflops``), except
   with ``compile_only``, where nothing is timed and the peak stays None unless given.
   """
-  mesh = sharding.create_mesh()
-  kernel_grad = config.train.get('conv_kernel_grad', 'auto')
-  model = create_model(config.model, remat=remat, conv_kernel_grad=kernel_grad)
-  fn, abstract, tx = _step_function(config, model, mode, mesh, batch, height, width)
-  start = time.perf_counter()
-  compiled = fn.lower(*abstract).compile()
-  compile_s = time.perf_counter() - start
-  train_state.release_host_memory()  # as the trainer does after each compile
+  step = compile_step(config, mode, batch, height, width, remat)
+  compiled, abstract, tx, compile_s = step.compiled, step.abstract, step.tx, step.compile_s
   emit({'event': 'compile', 'mode': mode, 'compile_s': round(compile_s, 3), **memory_now()})
   step_times = []
   if not compile_only:
-    args = _concrete_args(abstract, model, tx, mesh)
+    args = step.args()
     emit({'event': 'buffers', **memory_now()})
     for i in range(steps + 1):
       start = time.perf_counter()
@@ -203,12 +239,7 @@ def bench_model(
     'event': 'summary',
     'mode': mode,
     'compile_only': compile_only,
-    'batch': batch,
-    'height': height,
-    'width': width,
-    'dtype': config.model.dtype,
-    'remat': remat,
-    'conv_kernel_grad': model.conv_kernel_grad,
+    **step.fields(config, batch, height, width, remat),
     'params': count_params(abstract[0] if tx is None else abstract[0].params),
     'compile_s': round(compile_s, 3),
     'step_s_median': None if median is None else round(median, 4),

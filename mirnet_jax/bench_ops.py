@@ -28,8 +28,7 @@ from typing import Any
 
 import jax
 
-from mirnet_jax import bench_model, sharding, train_state
-from mirnet_jax.models import create_model
+from mirnet_jax import bench_model
 
 OF = ('train_step', 'forward')  # --ops_of
 _INSTRUCTION = re.compile(r'\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"')
@@ -139,17 +138,11 @@ def bench_ops(
   run, and emits the ``top`` rows (``op`` lines) and a ``summary`` (returned too)."""
   if of not in OF:
     raise ValueError(f'--ops_of: unknown value {of!r}; known: {list(OF)}')
-  mesh = sharding.create_mesh()
-  kernel_grad = config.train.get('conv_kernel_grad', 'auto')
-  model = create_model(config.model, remat=remat, conv_kernel_grad=kernel_grad)
-  fn, abstract, tx = bench_model._step_function(config, model, of, mesh, batch, height, width)
-  start = time.perf_counter()
-  compiled = fn.lower(*abstract).compile()
-  compile_s = time.perf_counter() - start
-  train_state.release_host_memory()
-  emit({'event': 'compile', 'mode': 'ops', 'compile_s': round(compile_s, 3)})
+  step = bench_model.compile_step(config, of, batch, height, width, remat)
+  compiled = step.compiled
+  emit({'event': 'compile', 'mode': 'ops', 'compile_s': round(step.compile_s, 3)})
   names = op_names(compiled.as_text())
-  args = bench_model._concrete_args(abstract, model, tx, mesh)
+  args = step.args()
   out = compiled(*args)  # the warm-up run: first-call allocations stay out of the trace
   jax.block_until_ready(out)
   if of == 'train_step':
@@ -168,13 +161,8 @@ def bench_ops(
     'event': 'summary',
     'mode': 'ops',
     'of': of,
-    'batch': batch,
-    'height': height,
-    'width': width,
-    'dtype': config.model.dtype,
-    'remat': remat,
-    'conv_kernel_grad': model.conv_kernel_grad,
-    'compile_s': round(compile_s, 3),
+    **step.fields(config, batch, height, width, remat),
+    'compile_s': round(step.compile_s, 3),
     'step_s': round(step_s, 4),
     'events': len(events),
     **table,
