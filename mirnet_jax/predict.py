@@ -251,42 +251,16 @@ def to_uint8(y: np.ndarray) -> np.ndarray:
 
 
 def _accumulate(job: _Job, top: int, left: int, y: np.ndarray) -> None:
-  layout = job.layout
-  if layout.num_tiles == 1:
-    job.output = y
-    return
-  if job.output is None:
-    job.output = np.zeros((*layout.canvas_shape, 3), np.float32)
-  th, tw = layout.tile_shape
-  wr = tiling.ramp(th, layout.rows)[layout.rows.index(top)]
-  wc = tiling.ramp(tw, layout.cols)[layout.cols.index(left)]
-  job.output[top : top + th, left : left + tw] += (wr[:, None] * wc[None, :])[..., None] * y
+  job.output = tiling.accumulate(job.output, job.layout, top, left, y)
 
 
 def _finish(job: _Job) -> tuple[Any, Any]:
   """(key, output cropped to the image) or (key, error); frees the job's buffers."""
-  layout = job.layout
   job.canvas = None
+  output, job.output = job.output, None
   if job.error is not None:
     return job.key, job.error
-  c, h, w = layout.context, layout.height, layout.width
-  out = job.output[c : c + h, c : c + w]
-  if layout.num_tiles > 1:
-    # The weights are products of one ramp per axis, so their sum over the tiles is the
-    # product of the per-axis sums: two vectors rather than a canvas-sized array.
-    th, tw = layout.tile_shape
-    norm_r = _axis_norm(layout.canvas_shape[0], th, layout.rows)[c : c + h]
-    norm_c = _axis_norm(layout.canvas_shape[1], tw, layout.cols)[c : c + w]
-    out /= (norm_r[:, None] * norm_c[None, :])[..., None]
-  job.output = None
-  return job.key, np.ascontiguousarray(out)
-
-
-def _axis_norm(length: int, tile: int, starts: tuple[int, ...]) -> np.ndarray:
-  total = np.zeros(length, np.float32)
-  for start, weight in zip(starts, tiling.ramp(tile, starts), strict=True):
-    total[start : start + tile] += weight
-  return total
+  return job.key, tiling.blended(output, job.layout)
 
 
 def _plan_outputs(

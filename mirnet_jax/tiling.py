@@ -15,7 +15,8 @@ and an overlap of 64 gives 4 x 5 tiles of 816x864, 1.18x the photo's pixels (a f
 tile would need 1.75x). An image whose canvas fits in one tile is one tile, rounded up to the
 ``bucket`` so that photos of similar sizes share a compiled shape.
 
-Pure numpy; `predict.py` runs the model.
+The tile outputs are blended back with `ramp`'s weights (`accumulate`, then `blended`). Pure
+numpy; `predict.py` runs the model.
 """
 
 from __future__ import annotations
@@ -188,3 +189,42 @@ def ramp(length: int, starts: list[int] | tuple[int, ...]) -> np.ndarray:
         falling = 0.5 + 0.5 * np.cos(np.pi * t)
         out[i, length - shared :] = np.minimum(out[i, length - shared :], falling)
   return out.astype(np.float32)
+
+
+def accumulate(
+  output: np.ndarray | None, layout: Layout, top: int, left: int, y: np.ndarray
+) -> np.ndarray:
+  """Adds tile output ``y`` (float32 [tile_h, tile_w, C], from canvas row ``top`` and column
+  ``left``) to ``output``, the weighted sum over the canvas so far (None before the first
+  tile), and returns it. A one-tile layout returns ``y`` itself: there is nothing to blend."""
+  if layout.num_tiles == 1:
+    return y
+  if output is None:
+    output = np.zeros((*layout.canvas_shape, y.shape[-1]), np.float32)
+  th, tw = layout.tile_shape
+  wr = ramp(th, layout.rows)[layout.rows.index(top)]
+  wc = ramp(tw, layout.cols)[layout.cols.index(left)]
+  output[top : top + th, left : left + tw] += (wr[:, None] * wc[None, :])[..., None] * y
+  return output
+
+
+def blended(output: np.ndarray, layout: Layout) -> np.ndarray:
+  """The image [H, W, C] from ``accumulate``'s sum over every tile: cropped out of the canvas
+  and divided by the sum of the weights (in place)."""
+  c, h, w = layout.context, layout.height, layout.width
+  out = output[c : c + h, c : c + w]
+  if layout.num_tiles > 1:
+    # The weights are products of one ramp per axis, so their sum over the tiles is the
+    # product of the per-axis sums: two vectors rather than a canvas-sized array.
+    th, tw = layout.tile_shape
+    norm_r = _axis_norm(layout.canvas_shape[0], th, layout.rows)[c : c + h]
+    norm_c = _axis_norm(layout.canvas_shape[1], tw, layout.cols)[c : c + w]
+    out /= (norm_r[:, None] * norm_c[None, :])[..., None]
+  return np.ascontiguousarray(out)
+
+
+def _axis_norm(length: int, tile: int, starts: tuple[int, ...]) -> np.ndarray:
+  total = np.zeros(length, np.float32)
+  for start, weight in zip(starts, ramp(tile, starts), strict=True):
+    total[start : start + tile] += weight
+  return total

@@ -73,3 +73,23 @@ def test_blend_weights_sum_to_one_and_canvas_reflects():
   np.testing.assert_array_equal(canvas[c : c + 300, c : c + 500], image)
   np.testing.assert_array_equal(canvas[c - 3, c : c + 500], image[3])  # mirrored, not repeated
   np.testing.assert_array_equal(canvas[c : c + 300, c + 500 + 2], image[:, 500 - 4])
+
+
+@pytest.mark.parametrize('size', [(300, 500), (40, 60)])
+def test_blending_identical_tiles_gives_back_the_image(size):
+  # Tiles cut from one canvas agree on their overlaps, so the blend must return the image;
+  # a wrong weight, offset or normalisation shows as an error far above float32 rounding.
+  h, w = size
+  layout = tiling.plan(h, w, tile_size=128, overlap=32, multiple=4, bucket=64)
+  assert (layout.num_tiles > 1) == (size == (300, 500))
+  image = np.random.default_rng(1).random((h, w, 3), dtype=np.float32)
+  canvas = tiling.reflect_canvas(image, layout)
+  th, tw = layout.tile_shape
+  output = None
+  for top in layout.rows:
+    for left in layout.cols:
+      tile = np.pad(canvas, ((0, th), (0, tw), (0, 0)))[top : top + th, left : left + tw]
+      output = tiling.accumulate(output, layout, top, left, tile.copy())
+  out = tiling.blended(output, layout)
+  assert out.shape == (h, w, 3) and out.flags.c_contiguous
+  np.testing.assert_allclose(out, image, atol=2e-6)
