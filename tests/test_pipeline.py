@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from mirnet_jax.data import pipeline, sources, synthetic
+from mirnet_jax.data import augment, pipeline, sources, synthetic
 
 
 class CoordSource:
@@ -82,12 +82,12 @@ def test_crops_aligned_and_all_dihedral_transforms():
 
 def test_dihedral_function():
   x = np.arange(12).reshape(3, 4)
-  outputs = [pipeline.dihedral(x, k) for k in range(8)]
+  outputs = [augment.dihedral(x, k) for k in range(8)]
   assert len({o.tobytes() + bytes(o.shape) for o in outputs}) == 8
   np.testing.assert_array_equal(outputs[1], np.rot90(x))
   np.testing.assert_array_equal(outputs[4], x[:, ::-1])
   with pytest.raises(ValueError):
-    pipeline.dihedral(x, 8)
+    augment.dihedral(x, 8)
 
 
 def test_small_images_are_reflect_padded():
