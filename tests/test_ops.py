@@ -94,10 +94,10 @@ def test_after_passes_its_input_through():
 
 
 @pytest.mark.parametrize('form', ['conv2d_taps', 'conv2d_prelu_literal'])
-def test_input_gradient_waits_for_the_weight_gradients(form):
-  # The one difference from the literal forms, the price of the order (ops.after): a NaN
-  # weight gradient makes the input gradient NaN too, where jax's rule keeps it finite; the
-  # step is non-finite either way.
+def test_only_the_prelu_forms_make_the_input_gradient_wait(form):
+  # The one difference from the literal forms, the price of the order (ops.after): in the
+  # PReLU-fed forms a NaN weight gradient makes the input gradient NaN too, where jax's rule
+  # keeps it finite (the step is non-finite either way). The plain conv does not wait.
   x = _x((1, 4, 4, 2)).at[0, 0, 0, 0].set(np.nan)  # NaN kernel and slope gradients
   w = _x((3, 3, 2, 2), seed=1)
   g = _x((1, 4, 4, 2), seed=2)
@@ -111,7 +111,11 @@ def test_input_gradient_waits_for_the_weight_gradients(form):
   for a, b in zip(got[1:], want[1:], strict=True):  # the weight gradients: the same
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert np.isnan(a).any()
-  assert np.isnan(got[0]).all() and np.isfinite(want[0]).all()
+  assert np.isfinite(want[0]).all()
+  if form == 'conv2d_taps':
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+  else:
+    assert np.isnan(got[0]).all()
 
 
 def test_mrb_resamples_each_map_once():
