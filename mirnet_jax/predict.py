@@ -4,8 +4,8 @@
         --input=PHOTOS --output=OUT [--overwrite]
 
 ``--input`` is a file, a folder (its images, not recursive) or a glob (``'shots/**/*.jpg'``,
-suffixes matched in any case), listed by `sources.list_inputs`. Each input becomes an image of
-exactly its size under ``OUT``, at its path below the input folder or the fixed part of the glob
+suffixes matched in any case), listed by `input_files.list_inputs`. Each input becomes an image
+of exactly its size under ``OUT``, at its path below the input folder or the fixed part of the glob
 (``trip/a/b/x.JPG`` -> ``OUT/a/b/x.png``, or ``.jpg`` with ``--config.predict.format=jpeg``).
 For a single input, ``--output`` may name the output file itself (``out.png``, ``out.jpg``).
 
@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 
 from mirnet_jax import checkpoints, tiling
-from mirnet_jax.data import images, sources
+from mirnet_jax.data import images, input_files
 from mirnet_jax.models import MIRNet, create_model
 
 _SUFFIX = {'png': '.png', 'jpeg': '.jpg'}
@@ -351,8 +351,8 @@ def run(
     raise ValueError(f'config.predict.format={cfg.format!r}; choose png or jpeg')
   out_dir = pathlib.Path(output).expanduser()
   try:
-    files = sources.list_inputs(inputs)
-    root = sources.input_root(inputs)
+    files = input_files.list_inputs(inputs)
+    root = input_files.input_root(inputs)
     pairs, failed = _plan_outputs(files, root, out_dir, _SUFFIX[cfg.format])
     model_config, params, step = checkpoints.load_weights(
       cfg.checkpoint, workdir, key='config.predict.checkpoint'
