@@ -1,4 +1,4 @@
-"""What a training run reports: TensorBoard writer, console progress, history and curves.
+"""What a training run reports: TensorBoard writer, console progress, history, curves, traces.
 
 Only process 0 writes anything: `create_writer` gives other processes a silent writer, `History`
 and `plot_curves` do nothing there. Every path is an `etils.epath` path, so a `gs://` workdir
@@ -288,3 +288,45 @@ def plot_curves(history_path: str | os.PathLike[str], png_path: str | os.PathLik
   fig.savefig(png, format='png', dpi=100)
   plt.close(fig)
   epath.Path(png_path).write_bytes(png.getvalue())  # through epath: gs:// workdirs too
+
+
+class Trace:
+  """A jax.profiler trace of ``config.train.profile_steps`` steps of this run.
+
+  It starts once ``profile_start_step`` steps of this run are done (compile and warm-up stay
+  out; a resumed run counts from where it resumed) and both ends wait for the device, so the
+  trace holds exactly those steps. jax writes ``WORKDIR/plugins/profile/<time>/<host>.xplane.pb``,
+  where TensorBoard's profile plugin looks under ``--logdir=WORKDIR`` (the events' directory).
+  On several processes only process 0 traces (its own devices; all run the same program).
+  """
+
+  def __init__(self, config: Any, workdir: epath.Path, first: int, last: int):
+    steps = config.train.get('profile_steps', 0)
+    self.start = first + config.train.get('profile_start_step', 0)
+    self.stop = min(self.start + steps, last)
+    self.enabled = steps > 0 and self.start < last and jax.process_index() == 0
+    self.folder, self.workdir, self.running = workdir / 'plugins' / 'profile', workdir, False
+
+  def before_step(self, done: int, state: Any) -> None:
+    """Starts the trace when ``done`` steps are done (called before the next one runs)."""
+    if self.enabled and not self.running and done == self.start:
+      jax.block_until_ready(state)
+      logging.info('Tracing steps %d-%d into %s', self.start + 1, self.stop, self.folder)
+      jax.profiler.start_trace(str(self.workdir))
+      self.running = True
+
+  def after_step(self, done: int, state: Any) -> None:
+    """Stops the trace once its last step is done."""
+    if self.running and done >= self.stop:
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self) -> None:
+    """Stops a running trace (also on errors and SIGTERM: what was traced is kept)."""
+    if self.running:
+      jax.profiler.stop_trace()
+      self.running = False
+      run = max(self.folder.iterdir(), default=self.folder)  # folders are named by start time
+      logging.info(
+        'Wrote the trace to %s (tensorboard --logdir=%s, Profile tab)', run, self.workdir
+      )

@@ -17,7 +17,8 @@ step.
 ``config.train.remat`` picks what the backward pass recomputes (memory, not architecture: a run
 resumes under another value). ``config.train.profile_steps`` > 0 writes a jax.profiler trace of
 that many steps, after ``profile_start_step`` steps of this run, to
-``WORKDIR/plugins/profile/<time>/`` (``_Trace``), where TensorBoard's profile plugin finds it.
+``WORKDIR/plugins/profile/<time>/`` (``summaries.Trace``), where TensorBoard's profile plugin
+finds it.
 
 The state and its step live in ``train_state.py`` and are re-exported here.
 """
@@ -60,48 +61,6 @@ from mirnet_jax.train_state import (  # noqa: F401 - the public names of the tra
   release_host_memory,
   train_step,
 )
-
-
-class _Trace:
-  """A jax.profiler trace of ``config.train.profile_steps`` steps of this run.
-
-  It starts once ``profile_start_step`` steps of this run are done (compile and warm-up stay
-  out; a resumed run counts from where it resumed) and both ends wait for the device, so the
-  trace holds exactly those steps. jax writes ``WORKDIR/plugins/profile/<time>/<host>.xplane.pb``,
-  where TensorBoard's profile plugin looks under ``--logdir=WORKDIR`` (the events' directory).
-  On several processes only process 0 traces (its own devices; all run the same program).
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, workdir: Any, first: int, last: int):
-    steps = config.train.get('profile_steps', 0)
-    self.start = first + config.train.get('profile_start_step', 0)
-    self.stop = min(self.start + steps, last)
-    self.enabled = steps > 0 and self.start < last and jax.process_index() == 0
-    self.folder, self.workdir, self.running = workdir / 'plugins' / 'profile', workdir, False
-
-  def before_step(self, done: int, state: TrainState) -> None:
-    """Starts the trace when ``done`` steps are done (called before the next one runs)."""
-    if self.enabled and not self.running and done == self.start:
-      jax.block_until_ready(state)
-      logging.info('Tracing steps %d-%d into %s', self.start + 1, self.stop, self.folder)
-      jax.profiler.start_trace(str(self.workdir))
-      self.running = True
-
-  def after_step(self, done: int, state: TrainState) -> None:
-    """Stops the trace once its last step is done."""
-    if self.running and done >= self.stop:
-      jax.block_until_ready(state)
-      self.close()
-
-  def close(self) -> None:
-    """Stops a running trace (also on errors and SIGTERM: what was traced is kept)."""
-    if self.running:
-      jax.profiler.stop_trace()
-      self.running = False
-      run = max(self.folder.iterdir(), default=self.folder)  # folders are named by start time
-      logging.info(
-        'Wrote the trace to %s (tensorboard --logdir=%s, Profile tab)', run, self.workdir
-      )
 
 
 def _split_state(state: TrainState) -> tuple[Any, dict]:
@@ -293,7 +252,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
   interval: list[dict] = []
   last_eval = None
   first_step = step
-  trace = _Trace(config, workdir_path, first_step, num_steps)
+  trace = summaries.Trace(config, workdir_path, first_step, num_steps)
   started = time.monotonic()
 
   def fetch(pending):
