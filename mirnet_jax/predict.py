@@ -189,7 +189,7 @@ class Enhancer:
       for i, (job, top, left, _) in enumerate(batch):
         self._counts[i] += 1  # row i of the batch is device i's shard
         if job.error is None:
-          _accumulate(job, top, left, y[i])
+          job.output = tiling.accumulate(job.output, job.layout, top, left, y[i])
     for job in jobs:
       job.pending -= 1
       if job.layout.num_tiles > 1:
@@ -248,10 +248,6 @@ def to_uint8(y: np.ndarray) -> np.ndarray:
   np.clip(y, 0.0, 1.0, out=y)
   y *= 255.0
   return np.round(y, out=y).astype(np.uint8)
-
-
-def _accumulate(job: _Job, top: int, left: int, y: np.ndarray) -> None:
-  job.output = tiling.accumulate(job.output, job.layout, top, left, y)
 
 
 def _finish(job: _Job) -> tuple[Any, Any]:
