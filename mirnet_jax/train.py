@@ -52,10 +52,12 @@ from mirnet_jax.train_state import (  # noqa: F401 - the public names of the tra
   TrainState,
   _check_params,
   _param_shapes_by_path,
+  allocator_hint,
   check_architecture,
   create_learning_rate_schedule,
   create_optimizer,
   create_train_state,
+  host_allocator,
   make_train_step,
   num_train_steps,
   release_host_memory,
@@ -245,6 +247,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
     mesh.devices.size,
     num_train,
   )
+  remat = config.train.get('remat', 'none')
+  if hint := allocator_hint(jax.default_backend(), host_allocator(), remat):
+    logging.info('%s', hint)
   preemption = distributed.Preemption()
   stage = schedules.stage_at(run_stages, step)
   progress = summaries.Progress(num_steps, step, stage.batch_size)
