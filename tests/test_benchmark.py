@@ -57,6 +57,7 @@ MODEL_SUMMARY_KEYS = {
   *MEMORY_KEYS,
   'peak_bytes_in_use',
   'peak_rss_gib',
+  'host_allocator',
   'devices',
   'jax',
 }
@@ -117,6 +118,9 @@ def test_forward_reports_the_flops_xla_counts_and_a_measured_peak():
   peaks = [r['peak_rss_gib'] for r in records[:-1]]
   assert all(0 < r['rss_gib'] <= r['peak_rss_gib'] + 1e-3 for r in records[:-1])
   assert peaks == sorted(peaks) and peaks[-1] <= summary['peak_rss_gib']
+  # The summary's peak is that of the compile and the steps, read before the GEMM is measured.
+  assert summary['peak_rss_gib'] == pytest.approx(peaks[-1], abs=2e-3)
+  assert summary['host_allocator'] in ('glibc', 'tcmalloc', 'jemalloc', 'mimalloc', 'unknown')
   assert set(summary) == MODEL_SUMMARY_KEYS
   model = create_model(_micro_config().model)
   assert summary['params'] == count_params(param_shapes(model))
