@@ -97,6 +97,7 @@ def test_release_host_memory_under_tcmalloc_returns_freed_pages():
 def test_allocator_hint_only_for_glibc_on_cpu_without_remat():
   hint = train_state.allocator_hint('cpu', 'glibc', 'none')
   assert 'tcmalloc' in hint and 'LD_PRELOAD=' in hint
+  assert 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1' in hint
   assert train_state.allocator_hint('cpu', 'glibc', 'mrb') is None
   assert train_state.allocator_hint('cpu', 'glibc', 'rrg') is None
   assert train_state.allocator_hint('cpu', 'tcmalloc', 'none') is None
