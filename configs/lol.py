@@ -79,10 +79,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.train.remat = 'mrb'
   # How the backward pass computes the kernel gradients of the 3x3 convolutions (the same
   # gradients to float32 rounding; models/ops.py). 'taps': one GEMM per kernel tap; 'xla':
-  # XLA's own convolution rule; 'auto': taps on CPU, XLA's rule on GPU and TPU. Which is faster
-  # on a CPU depends on the CPU (README, Performance: the taps halve the step on one 2-core
-  # machine, XLA's rule is 2x faster per kernel gradient on another); `python -m
-  # mirnet_jax.benchmark --mode=kernel_grad` times both here.
+  # XLA's own convolution rule; 'auto': XLA's rule on GPU and TPU; on CPU, where which is
+  # faster depends on the CPU (README, Performance), a fresh run times both (a few seconds)
+  # and takes XLA's rule where the taps take over 1.25x as long, and a resumed run keeps the
+  # form its checkpoint was trained with. Name one to pin it; `python -m mirnet_jax.benchmark
+  # --mode=kernel_grad` times both here.
   config.train.conv_kernel_grad = 'auto'
   # jax.profiler trace of this many steps into WORKDIR/plugins/profile/ (TensorBoard's Profile
   # tab under --logdir=WORKDIR; process 0 only). 0 = off.

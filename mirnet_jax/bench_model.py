@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mirnet_jax import bench_xla, config_checks, losses, sharding, train, train_state
-from mirnet_jax.models import MIRNetV2, count_params, create_model, ops, param_shapes
-from mirnet_jax.models.mirnet import REMAT, stream_features
-from mirnet_jax.models.mirnet_v2 import stream_channels
+from mirnet_jax.models import count_params, create_model, ops, param_shapes, stream_shapes
+from mirnet_jax.models.mirnet import REMAT
 
 
 def emit(record: dict) -> None:
@@ -184,6 +183,10 @@ def compile_step(
   mesh = sharding.create_mesh()
   kernel_grad = config.train.get('conv_kernel_grad', 'auto')
   model = create_model(config.model, remat=remat, conv_kernel_grad=kernel_grad)
+  if mode == 'train_step':  # the form training would pick for this step ('auto': measured)
+    per_device = max(batch // mesh.devices.size, 1)
+    form, _ = train_state.measured_kernel_grad(kernel_grad, model, per_device, height, width)
+    model = model.clone(conv_kernel_grad=form)
   fn, abstract, tx = _step_function(config, model, mode, mesh, batch, height, width)
   start = time.perf_counter()
   compiled = fn.lower(*abstract).compile()
@@ -263,29 +266,6 @@ def bench_model(
   return summary
 
 
-def _streams(model: Any) -> list[tuple[int, int]]:
-  """(channels, resolution divisor) of each stream of ``model``, whose 3x3 convolutions
-  dominate the step."""
-  if isinstance(model, MIRNetV2):
-    return [
-      (c, 2**j) for j, c in enumerate(stream_channels(model.num_features, model.channel_factor))
-    ]
-  return [
-    (stream_features(model.num_features, model.channel_factor, j), 2**j)
-    for j in range(model.height)
-  ]
-
-
-def _time_ms(fn: Callable, *args: Any, steps: int) -> float:
-  jax.block_until_ready(fn(*args))  # compiles
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) * 1e3
-
-
 def bench_kernel_grad(
   config: Any, *, batch: int, height: int, width: int, steps: int, emit: Callable = emit
 ) -> dict:
@@ -297,20 +277,9 @@ def bench_kernel_grad(
   step with each form (``--config.train.conv_kernel_grad=taps`` / ``=xla``) settles it.
   """
   model = create_model(config.model)
-  rng = np.random.default_rng(0)
-  taps = jax.jit(lambda x, dy: ops.kernel_grad(x, dy, 3))
-
-  def xla(x, dy):
-    kernel = jnp.zeros((3, 3, x.shape[-1], dy.shape[-1]), x.dtype)
-    return jax.vjp(lambda k: ops.conv2d_literal(x, k), kernel)[1](dy)[0]
-
-  xla = jax.jit(xla)
   totals = {'taps': 0.0, 'xla': 0.0}
-  for channels, divisor in _streams(model):
-    shape = (batch, height // divisor, width // divisor, channels)
-    x = jnp.asarray(rng.standard_normal(shape, np.float32))
-    dy = jnp.asarray(rng.standard_normal(shape, np.float32))
-    ms = {'taps': _time_ms(taps, x, dy, steps=steps), 'xla': _time_ms(xla, x, dy, steps=steps)}
+  for shape in stream_shapes(model, batch, height, width):
+    ms = ops.time_kernel_grads([shape], repeats=steps)
     for form, value in ms.items():
       totals[form] += value
     emit(
@@ -329,7 +298,7 @@ def bench_kernel_grad(
     'taps_ms': round(totals['taps'], 3),
     'xla_ms': round(totals['xla'], 3),
     'faster': min(totals, key=totals.get),
-    'auto': ops.resolve_kernel_grad('auto'),
+    'auto': ops.resolve_kernel_grad('auto', times_ms=totals),
     'devices': devices(),
     'jax': jax.__version__,
   }

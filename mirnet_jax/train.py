@@ -61,6 +61,7 @@ from mirnet_jax.train_state import (  # noqa: F401 - the public names of the tra
   make_train_step,
   num_train_steps,
   release_host_memory,
+  run_kernel_grad,
   train_step,
 )
 
@@ -228,6 +229,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
   manager = checkpoints.create_manager(workdir_path, config.train.keep_checkpoints)
   state = _resume(manager, state, train_iter, config)
   step = int(jax.device_get(state.step))
+  form = run_kernel_grad(config, manager, step, model, schedules.stage_at(run_stages, step), mesh)
+  if form != model.conv_kernel_grad:
+    model = model.clone(conv_kernel_grad=form)
+    state = state.replace(apply_fn=model.apply)
+  saved_config = config.to_dict()  # with the form traced, which a resumed run keeps
+  saved_config['train']['conv_kernel_grad'] = form
   saved = step if step > 0 else None  # the newest complete checkpoint
   p_train_step = distributed.SyncedJit(
     make_train_step(mesh, loss_fn, config.loss.get('clamp_output', True)), release_host_memory
@@ -342,7 +349,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Trai
           fetch(pending)  # never save a state that was not checked
           pending = None
         best = None if eval_metrics is None else {'psnr': float(eval_metrics['psnr'])}
-        checkpoints.save(manager, step, *_split_state(state), train_iter, config.to_dict(), best)
+        checkpoints.save(manager, step, *_split_state(state), train_iter, saved_config, best)
         saved = step
       writer.flush()
       if stop:

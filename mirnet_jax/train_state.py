@@ -20,7 +20,7 @@ from flax import traverse_util
 from flax.training import train_state
 
 from mirnet_jax import checkpoints, distributed, losses, schedules, sharding
-from mirnet_jax.models import param_shapes
+from mirnet_jax.models import ops, param_shapes, stream_shapes
 from mirnet_jax.models.mirnet import DEFAULT_ARCH
 
 TrainState = train_state.TrainState
@@ -212,6 +212,66 @@ CPU_COMPILER_OPTIONS = {
   'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED',
   'xla_disable_hlo_passes': 'cse',
 }
+
+
+def measured_kernel_grad(
+  form: str, model: Any, batch: int, height: int, width: int, stored: str | None = None
+) -> tuple[str, dict[str, float] | None]:
+  """The kernel-gradient form (``config.train.conv_kernel_grad``) a training run traces with,
+  and the timings it was chosen by (None when nothing was measured).
+
+  'taps' and 'xla' are taken as given, and 'auto' is XLA's rule off the CPU. On the CPU it is
+  ``stored`` when resuming (the form the checkpoint was trained with, so that the resumed run
+  computes what the uninterrupted one would; 'auto' in a checkpoint of an earlier version meant
+  the taps), else the form ``ops.resolve_kernel_grad`` picks from ``ops.time_kernel_grads`` on
+  one kernel gradient per stream at this batch and crop (a few seconds). Process 0's choice
+  is every process's: they must all trace the same program.
+  """
+  if form != 'auto' or jax.default_backend() != 'cpu':
+    return ops.resolve_kernel_grad(form), None
+  if stored in ('taps', 'xla'):
+    return stored, None
+  if stored == 'auto':
+    return 'taps', None
+  times = ops.time_kernel_grads(stream_shapes(model, batch, height, width))
+  chosen = ops.resolve_kernel_grad('auto', 'cpu', times)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    index = multihost_utils.broadcast_one_to_all(np.int32(ops.KERNEL_GRADS.index(chosen)))
+    chosen = ops.KERNEL_GRADS[int(index)]
+  return chosen, times
+
+
+def run_kernel_grad(
+  config: ml_collections.ConfigDict, manager: Any, step: int, model: Any, stage: Any, mesh: Any
+) -> str:
+  """The kernel-gradient form this run traces with (``measured_kernel_grad``): on a resume
+  the one its checkpoint was trained with, unless the config names one."""
+  stored = None
+  if step > 0:
+    stored = checkpoints.stored_config(manager, step).get('train', {})
+    stored = stored.get('conv_kernel_grad', 'auto')
+  # The times grow with the batch, their ratio hardly: a per-device batch of at most 4 keeps
+  # the measurement to a few seconds.
+  batch = min(stage.batch_size // mesh.devices.size, 4)
+  size = stage.crop_size
+  wanted = config.train.get('conv_kernel_grad', 'auto')
+  form, times = measured_kernel_grad(wanted, model, batch, size, size, stored)
+  if times is not None:
+    logging.info(
+      'config.train.conv_kernel_grad=auto: %s on this CPU (one 3x3 kernel gradient per stream '
+      'at %d x %dx%d: taps %.1f ms, xla %.1f ms); the checkpoints keep it for a resume',
+      form,
+      batch,
+      size,
+      size,
+      times['taps'],
+      times['xla'],
+    )
+  elif wanted == 'auto' and stored is not None and jax.default_backend() == 'cpu':
+    logging.info('config.train.conv_kernel_grad=auto: %s, as the run so far', form)
+  return form
 
 
 def allocator_of(address: int, maps: str) -> str:

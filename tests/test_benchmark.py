@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mirnet_jax import bench_model, bench_xla
-from mirnet_jax.models import count_params, create_model, param_shapes
+from mirnet_jax import bench_model, bench_xla, train_state
+from mirnet_jax.models import count_params, create_model, ops, param_shapes
 from tests import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +143,7 @@ def test_train_step_reports_the_memory_plan_and_a_given_peak():
   records, summary = _run_model('train_step')
   assert [r['event'] for r in records] == ['compile', 'buffers', 'step', 'step', 'summary']
   assert set(summary) == MODEL_SUMMARY_KEYS
-  assert summary['conv_kernel_grad'] == 'taps'  # 'auto' on the CPU
+  assert summary['conv_kernel_grad'] == 'taps'  # tests/tiny.py pins it
   assert summary['peak_tflops'] == 2.5 and summary['peak_source'] == 'flag'
   assert summary['fraction_of_peak'] == pytest.approx(summary['achieved_tflops'] / 2.5, rel=1e-3)
   for key in MEMORY_KEYS[:-1]:
@@ -222,7 +222,8 @@ def test_kernel_grad_mode_times_both_forms_per_stream():
       sum(line[f'{form}_ms'] for line in lines[:2]), abs=2e-3
     )
   assert summary['faster'] == min(('taps', 'xla'), key=lambda f: summary[f'{f}_ms'])
-  assert summary['auto'] == 'taps' and summary['mode'] == 'kernel_grad'
+  want = ops.resolve_kernel_grad('auto', 'cpu', {f: summary[f'{f}_ms'] for f in ('taps', 'xla')})
+  assert summary['auto'] == want and summary['mode'] == 'kernel_grad'
 
 
 def test_bad_conv_kernel_grad_is_one_line_naming_the_key():
@@ -341,3 +342,18 @@ def test_ops_mode_sums_the_traced_step_by_pass_and_layer():
   )
   with pytest.raises(ValueError, match='--ops_of'):
     bench_ops.bench_ops(tiny.config(), of='eval', batch=4, height=32, width=32)
+
+
+def test_train_step_traces_the_form_training_would_pick(monkeypatch):
+  calls = []
+
+  def measured(form, model, batch, height, width):
+    calls.append((form, batch, height, width))
+    return 'xla', {'taps': 3.0, 'xla': 1.0}
+
+  monkeypatch.setattr(train_state, 'measured_kernel_grad', measured)
+  step = bench_model.compile_step(
+    _micro_config(train__conv_kernel_grad='auto'), 'train_step', BATCH, SIZE, SIZE, 'none'
+  )
+  assert calls == [('auto', 1, SIZE, SIZE)]  # one image per fake device
+  assert step.model.conv_kernel_grad == 'xla'

@@ -276,15 +276,33 @@ def test_kernel_grad_form_is_scoped_and_checked():
       pass
 
 
-def test_auto_kernel_grad_is_taps_on_cpu_only():
-  assert ops.resolve_kernel_grad('auto', 'cpu') == 'taps'
+def test_auto_kernel_grad_takes_xla_on_cpu_only_where_clearly_faster():
+  assert ops.resolve_kernel_grad('auto', 'cpu') == 'taps'  # nothing measured: eval, predict
+  assert ops.resolve_kernel_grad('auto', 'cpu', {'taps': 232.3, 'xla': 133.0}) == 'xla'
+  assert ops.resolve_kernel_grad('auto', 'cpu', {'taps': 1.2, 'xla': 1.0}) == 'taps'  # margin
+  assert ops.resolve_kernel_grad('auto', 'cpu', {'taps': 1.0, 'xla': 5.0}) == 'taps'
+  assert ops.resolve_kernel_grad('auto', 'gpu', {'taps': 1.0, 'xla': 5.0}) == 'xla'
   assert ops.resolve_kernel_grad('auto', 'gpu') == 'xla'
   assert ops.resolve_kernel_grad('auto', 'tpu') == 'xla'
   assert ops.resolve_kernel_grad('taps', 'gpu') == 'taps'
-  assert ops.resolve_kernel_grad('xla', 'cpu') == 'xla'
+  assert ops.resolve_kernel_grad('xla', 'cpu', {'taps': 1.0, 'xla': 5.0}) == 'xla'
   assert ops.resolve_kernel_grad('auto') == 'taps'  # this suite runs on the CPU
   with pytest.raises(ValueError, match="config.train.conv_kernel_grad: unknown value 'gemm'"):
     ops.resolve_kernel_grad('gemm')
+
+
+def test_time_kernel_grads_sums_both_forms_over_the_shapes(monkeypatch):
+  times = ops.time_kernel_grads([(1, 8, 8, 4), (1, 4, 4, 8)], repeats=1)
+  assert set(times) == {'taps', 'xla'} and all(t > 0 for t in times.values()), times
+  # Each form's time is that of its own computation: slow the taps down and they are slower.
+  slow = ops.kernel_grad
+
+  def kernel_grad(x, dy, size):  # the same gradient 20 times over
+    return sum(slow(x + i, dy, size) for i in range(20))
+
+  monkeypatch.setattr(ops, 'kernel_grad', kernel_grad)
+  slowed = ops.time_kernel_grads([(2, 64, 64, 8)], repeats=3)
+  assert slowed['taps'] > slowed['xla'], slowed
 
 
 @pytest.mark.parametrize('arch', ['mirnet', 'mirnet_v2'])

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import tiny
 
-from mirnet_jax import train
+from mirnet_jax import checkpoints, train
+from mirnet_jax.models import ops
 
 
 @pytest.fixture(scope='module')
@@ -53,24 +54,58 @@ def test_profile_steps_write_a_trace_where_tensorboard_reads_it(tmp_path, plain)
   assert not (plain / 'plugins').exists()  # profile_steps=0: no trace
 
 
-def test_remat_gives_the_same_losses_and_a_run_resumes_under_another_remat(tmp_path, plain, caplog):
+def test_remat_gives_the_same_losses_and_a_run_resumes_under_another_remat(
+  tmp_path, plain, caplog, monkeypatch
+):
+  # The same two runs check config.train.conv_kernel_grad='auto' (train_state.
+  # measured_kernel_grad; its decisions alone: tests/test_auto_kernel_grad.py): the fresh rrg
+  # run measures and traces XLA's rule, the resumed one keeps its checkpoint's taps. The traced
+  # tap GEMMs tell which form a step has (``ops.kernel_grad`` is the taps' backward only).
+  traced = []
+  taps_grad = ops.kernel_grad
+  monkeypatch.setattr(ops, 'kernel_grad', lambda *a: traced.append(1) or taps_grad(*a))
+  monkeypatch.setattr(ops, 'time_kernel_grads', lambda shapes: {'taps': 3.0, 'xla': 1.0})
   rrg = tmp_path / 'rrg'
-  train.train_and_evaluate(tiny.config(train__num_steps=2, train__remat='rrg'), str(rrg))
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(
+      tiny.config(train__num_steps=2, train__remat='rrg', train__conv_kernel_grad='auto'),
+      str(rrg),
+    )
+  assert 'config.train.conv_kernel_grad=auto: xla on this CPU' in caplog.text
+  assert traced == []
+  assert _stored_kernel_grad(rrg, 2) == 'xla'
   reference = _losses(plain)
   assert len(reference) == 2
   np.testing.assert_allclose(_losses(rrg), reference, rtol=1e-5, atol=1e-7)
 
-  # Remat is not architecture: the 'none' run resumes under 'mrb' and continues to step 3.
+  # Remat is not architecture: the 'none' run resumes under 'mrb' and continues to step 3,
+  # with the taps it was trained with (tests/tiny.py pins them) although 'auto' would measure
+  # XLA's rule faster now.
   resumed = tmp_path / 'resumed'
   shutil.copytree(plain, resumed)
+  monkeypatch.setattr(ops, 'time_kernel_grads', _no_measuring)
+  caplog.clear()
   with caplog.at_level(logging.INFO):
     state = train.train_and_evaluate(
-      tiny.config(train__num_steps=3, train__remat='mrb'), str(resumed)
+      tiny.config(train__num_steps=3, train__remat='mrb', train__conv_kernel_grad='auto'),
+      str(resumed),
     )
   assert f'Resumed from {resumed}/checkpoints/2' in caplog.text
+  assert 'config.train.conv_kernel_grad=auto: taps, as the run so far' in caplog.text
+  assert traced  # the tap GEMMs of the resumed step
+  assert _stored_kernel_grad(resumed, 3) == 'taps'
   assert int(state.step) == 3
   losses = _losses(resumed)
   assert losses[:2] == reference and len(losses) == 3 and np.isfinite(losses[2])
+
+
+def _no_measuring(*args, **kwargs):
+  pytest.fail('time_kernel_grads ran on a resume')
+
+
+def _stored_kernel_grad(workdir, step: int) -> str:
+  manager = checkpoints.create_manager(workdir, 2)
+  return checkpoints.stored_config(manager, step)['train']['conv_kernel_grad']
 
 
 def test_compilation_cache_fills_and_a_second_run_loads_from_it(tmp_path):

@@ -10,6 +10,7 @@ from mirnet_jax.models.mirnet import (
   model_config,
   pad_to_multiple,
   param_shapes,
+  stream_shapes,
 )
 from mirnet_jax.models.mirnet_v2 import MIRNetV2
 
@@ -24,4 +25,5 @@ __all__ = [
   'model_config',
   'pad_to_multiple',
   'param_shapes',
+  'stream_shapes',
 ]

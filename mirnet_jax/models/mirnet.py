@@ -308,6 +308,18 @@ def param_shapes(model: Model, image_size: tuple[int, int] | None = None) -> Any
   return jax.eval_shape(model.init, jax.random.key(0), x)['params']
 
 
+def stream_shapes(model: Model, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
+  """[B, H, W, C] of each stream of ``model`` for a batch x height x width input: the inputs
+  of the 3x3 convolutions, which dominate the step (the kernel gradients' timing shapes)."""
+  if isinstance(model, mirnet_v2.MIRNetV2):
+    channels = mirnet_v2.stream_channels(model.num_features, model.channel_factor)
+  else:
+    channels = [
+      stream_features(model.num_features, model.channel_factor, j) for j in range(model.height)
+    ]
+  return [(batch, height // 2**j, width // 2**j, c) for j, c in enumerate(channels)]
+
+
 def count_params(params: Any) -> int:
   """Number of scalars in a parameter pytree (arrays or ShapeDtypeStructs)."""
   return int(sum(np.prod(p.shape, dtype=np.int64) for p in jax.tree.leaves(params)))

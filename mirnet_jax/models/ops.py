@@ -13,10 +13,12 @@ literal form.
 Which kernel gradient is faster depends on the machine, not only the backend: on another
 2-core CPU (AMD EPYC, AVX-512) XLA's own rule runs 2x faster than the taps (44 against 87 ms
 at 64 channels). ``config.train.conv_kernel_grad`` picks the form ('taps', 'xla', or 'auto':
-the taps on CPU, XLA's rule on GPU and TPU, whose convolution libraries compute kernel
-gradients at full rate). The model sets it for the trace (``kernel_grad_form``), the way
-``jax.default_matmul_precision`` scopes a setting: the choice is made when the forward pass is
-traced, and each form carries its own backward rule. ``python -m mirnet_jax.benchmark
+XLA's rule on GPU and TPU, whose convolution libraries compute kernel gradients at full rate;
+on CPU the one ``time_kernel_grads`` measures faster on this machine when training starts, kept
+with the checkpoints so that a resumed run goes on with the same form). The model sets it for
+the trace (``kernel_grad_form``), the way ``jax.default_matmul_precision`` scopes a setting:
+the choice is made when the forward pass is traced, and each form carries its own backward
+rule. ``python -m mirnet_jax.benchmark
 --mode=kernel_grad`` times both forms on this machine.
 
 ``prelu`` and the linear maps that take a PReLU'd input (``conv2d_prelu``, ``matmul_prelu``)
@@ -32,12 +34,19 @@ activation from x); the form makes the saving independent of a backend's fusion 
 import contextlib
 import contextvars
 import functools
+import time
 from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 
 KERNEL_GRADS = ('auto', 'taps', 'xla')  # config.train.conv_kernel_grad
+# 'auto' on CPU takes XLA's rule only when the taps take this many times as long: a choice
+# far from the timing noise, so that fresh runs of one config on one machine pick the same form
+# (the two round differently). On the AVX-512 2-core CPU the taps take 1.75x as long (4 x
+# 128x128, the paper's three streams: 232 against 133 ms); on the other 2-core CPU XLA's rule
+# took 935 ms for the first stream alone, and the taps halved the train step.
+XLA_MARGIN = 1.25
 _KERNEL_GRAD = contextvars.ContextVar('mirnet_conv_kernel_grad', default='taps')
 
 
@@ -177,15 +186,53 @@ conv2d_prelu_literal = _with_prelu_input(conv2d_literal)
 matmul_prelu = _with_prelu_input(matmul_channels)
 
 
-def resolve_kernel_grad(form: str, backend: str | None = None) -> str:
-  """'taps' or 'xla' for a ``config.train.conv_kernel_grad`` value ('auto': by backend)."""
+def resolve_kernel_grad(
+  form: str, backend: str | None = None, times_ms: dict[str, float] | None = None
+) -> str:
+  """'taps' or 'xla' for a ``config.train.conv_kernel_grad`` value.
+
+  'auto': XLA's rule on GPU and TPU. On CPU, given ``times_ms`` (``time_kernel_grads`` on this
+  machine; training measures them, train_state.measured_kernel_grad), XLA's rule where it is
+  clearly faster (``XLA_MARGIN``), else the taps; without them the taps (the forward passes of
+  eval and predict, where the form does not matter).
+  """
   if form not in KERNEL_GRADS:
     raise ValueError(
       f'config.train.conv_kernel_grad: unknown value {form!r}; known: {list(KERNEL_GRADS)}'
     )
   if form != 'auto':
     return form
-  return 'taps' if (backend or jax.default_backend()) == 'cpu' else 'xla'
+  if (backend or jax.default_backend()) != 'cpu':
+    return 'xla'
+  return 'xla' if times_ms and times_ms['taps'] > XLA_MARGIN * times_ms['xla'] else 'taps'
+
+
+def _xla_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+  kernel = jnp.zeros((3, 3, x.shape[-1], dy.shape[-1]), x.dtype)
+  return jax.vjp(lambda k: conv2d_literal(x, k), kernel)[1](dy)[0]
+
+
+def time_kernel_grads(shapes: list[tuple[int, ...]], repeats: int = 3) -> dict[str, float]:
+  """Milliseconds one 3x3 kernel gradient of each [B, H, W, C] shape takes in each form
+  (median of ``repeats`` calls after a compiling one), summed over the shapes.
+
+  Which form is faster depends on the CPU, not only the backend (module docstring): the taps
+  halved the train step on one 2-core CPU, XLA's rule is 3x faster per gradient on another.
+  Random inputs: the time does not depend on the values.
+  """
+  forms = {'taps': jax.jit(lambda x, dy: kernel_grad(x, dy, 3)), 'xla': jax.jit(_xla_kernel_grad)}
+  totals = dict.fromkeys(forms, 0.0)
+  for i, shape in enumerate(shapes):
+    x, dy = jax.random.normal(jax.random.key(i), (2, *shape), jnp.float32)
+    for form, fn in forms.items():
+      jax.block_until_ready(fn(x, dy))  # compiles
+      times = []
+      for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(x, dy))
+        times.append(time.perf_counter() - start)
+      totals[form] += sorted(times)[len(times) // 2] * 1e3
+  return totals
 
 
 @contextlib.contextmanager
