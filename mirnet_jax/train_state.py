@@ -233,7 +233,9 @@ def measured_kernel_grad(
     return stored, None
   if stored == 'auto':
     return 'taps', None
-  times = ops.time_kernel_grads(stream_shapes(model, batch, height, width))
+  # The times grow with the batch, their ratio hardly: at most 4 images keep the measurement
+  # to a few seconds.
+  times = ops.time_kernel_grads(stream_shapes(model, min(batch, 4), height, width))
   chosen = ops.resolve_kernel_grad('auto', 'cpu', times)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -252,18 +254,15 @@ def run_kernel_grad(
   if step > 0:
     stored = checkpoints.stored_config(manager, step).get('train', {})
     stored = stored.get('conv_kernel_grad', 'auto')
-  # The times grow with the batch, their ratio hardly: a per-device batch of at most 4 keeps
-  # the measurement to a few seconds.
-  batch = min(stage.batch_size // mesh.devices.size, 4)
+  batch = stage.batch_size // mesh.devices.size
   size = stage.crop_size
   wanted = config.train.get('conv_kernel_grad', 'auto')
   form, times = measured_kernel_grad(wanted, model, batch, size, size, stored)
   if times is not None:
     logging.info(
       'config.train.conv_kernel_grad=auto: %s on this CPU (one 3x3 kernel gradient per stream '
-      'at %d x %dx%d: taps %.1f ms, xla %.1f ms); the checkpoints keep it for a resume',
+      'at %dx%d: taps %.1f ms, xla %.1f ms); the checkpoints keep it for a resume',
       form,
-      batch,
       size,
       size,
       times['taps'],

@@ -33,6 +33,8 @@ def test_fresh_auto_measures_each_stream_and_takes_process_0s_choice(monkeypatch
   model = tiny.model(tiny.config())  # two streams: 8 and 16 channels
   assert train_state.measured_kernel_grad('auto', model, 2, 32, 32) == ('xla', FASTER_XLA)
   assert shapes == [[(2, 32, 32, 8), (2, 16, 16, 16)]]
+  train_state.measured_kernel_grad('auto', model, 16, 32, 32)  # timed on 4 of the 16 images
+  assert shapes[-1] == [(4, 32, 32, 8), (4, 16, 16, 16)]
   # With several processes every one traces process 0's form, whatever it measured itself.
   from jax.experimental import multihost_utils
 

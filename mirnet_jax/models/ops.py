@@ -14,12 +14,12 @@ Which kernel gradient is faster depends on the machine, not only the backend: on
 2-core CPU (AMD EPYC, AVX-512) XLA's own rule runs 2x faster than the taps (44 against 87 ms
 at 64 channels). ``config.train.conv_kernel_grad`` picks the form ('taps', 'xla', or 'auto':
 XLA's rule on GPU and TPU, whose convolution libraries compute kernel gradients at full rate;
-on CPU the one ``time_kernel_grads`` measures faster on this machine when training starts, kept
-with the checkpoints so that a resumed run goes on with the same form). The model sets it for
-the trace (``kernel_grad_form``), the way ``jax.default_matmul_precision`` scopes a setting:
-the choice is made when the forward pass is traced, and each form carries its own backward
-rule. ``python -m mirnet_jax.benchmark
---mode=kernel_grad`` times both forms on this machine.
+on CPU XLA's rule where ``time_kernel_grads`` measures it clearly faster when training starts,
+``XLA_MARGIN``, kept with the checkpoints so that a resumed run goes on with the same form).
+The model sets it for the trace (``kernel_grad_form``), the way ``jax.default_matmul_precision``
+scopes a setting: the choice is made when the forward pass is traced, and each form carries its
+own backward rule. ``python -m mirnet_jax.benchmark --mode=kernel_grad`` times both forms on
+this machine.
 
 ``prelu`` and the linear maps that take a PReLU'd input (``conv2d_prelu``, ``matmul_prelu``)
 are memory reformulations: jax's rule for ``where(x >= 0, x, a * x)`` keeps a boolean mask and
@@ -217,7 +217,7 @@ def time_kernel_grads(shapes: list[tuple[int, ...]], repeats: int = 3) -> dict[s
   (median of ``repeats`` calls after a compiling one), summed over the shapes.
 
   Which form is faster depends on the CPU, not only the backend (module docstring): the taps
-  halved the train step on one 2-core CPU, XLA's rule is 3x faster per gradient on another.
+  halved the train step on one 2-core CPU, XLA's rule is about 2x faster per gradient on another.
   Random inputs: the time does not depend on the values.
   """
   forms = {'taps': jax.jit(lambda x, dy: kernel_grad(x, dy, 3)), 'xla': jax.jit(_xla_kernel_grad)}
