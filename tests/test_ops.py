@@ -72,6 +72,7 @@ def test_prelu_keeping_only_its_input_equals_literal(dtype):
   [
     (ops.conv2d_prelu, ops.conv2d_literal, (3, 3, 4, 5)),
     (ops.matmul_prelu, lambda y, w: y @ w, (4, 6)),
+    (ops.conv_transpose_up2_prelu, lambda y, w: _literal_deconv(y, w), (3, 3, 4, 5)),
   ],
 )
 def test_linear_of_prelu_equals_literal(fused, linear, wshape):
@@ -172,6 +173,40 @@ def test_transposed_conv_gradients_equal_literal():
   (_, (dx2, dk2)) = _grads(_literal_deconv, x, params['kernel'])
   np.testing.assert_allclose(dx1, dx2, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dk1, dk2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])
+def test_conv_transpose_up2_is_computed_by_phases_and_differentiated_by_taps(dtype, tol):
+  # Odd sizes and C != D: the borders of every phase, and the kernel's in/out order.
+  x = _x((2, 5, 7, 3), dtype=dtype)
+  k = (_x((3, 3, 3, 4), seed=1) * 0.3).astype(dtype)
+  f32 = lambda v: np.asarray(v, np.float32)
+  y1, y2 = ops.conv_transpose_up2(x, k), _literal_deconv(x, k)
+  assert y1.shape == (2, 10, 14, 4) and y1.dtype == dtype
+  np.testing.assert_allclose(f32(y1), f32(y2), rtol=tol, atol=tol)
+  (_, g1), (_, g2) = _grads(ops.conv_transpose_up2, x, k), _grads(_literal_deconv, x, k)
+  for a, b in zip(g1, g2, strict=True):
+    assert a.dtype == dtype
+    np.testing.assert_allclose(f32(a), f32(b), rtol=tol, atol=10 * tol)
+  # Which form does what: three phase convolutions and a matmul forward, two GEMMs backward.
+  pullback = jax.vjp(ops.conv_transpose_up2, x, k)[1]
+  fwd = _primitives(jax.make_jaxpr(ops.conv_transpose_up2)(x, k).jaxpr)
+  bwd = jax.jit(pullback).lower(y1).as_text()  # lowered: the primal product jax.vjp traces is gone
+  assert fwd.count('conv_general_dilated') == 3 and fwd.count('dot_general') == 1, fwd
+  assert 'convolution' not in bwd and bwd.count('dot_general') == 2, bwd
+
+
+def _primitives(jaxpr) -> list[str]:
+  """Every primitive of ``jaxpr``, sub-jaxprs (pjit, custom_vjp_call) included."""
+  names = []
+  for e in jaxpr.eqns:
+    names.append(e.primitive.name)
+    for v in e.params.values():
+      for sub in v if isinstance(v, tuple | list) else [v]:
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          names += _primitives(inner)
+  return names
 
 
 def test_attention_fusion_equals_conv_of_the_concatenation():

@@ -11,9 +11,10 @@ the same to float32 rounding, see tests/test_layers.py):
   path is ~3x slower forward and ~6x slower backward than separate convolutions.
 - Blur-pool is reflect padding plus shifted strided slices: the gradient of a depthwise conv
   is ~5x slower than its forward on CPU.
-- The stride-2 transposed convolution is four matmuls, one per output phase, followed by
-  depth-to-space: the gradient of `nn.ConvTranspose` is ~30x slower than its forward on CPU,
-  and the phase form does no multiplications by inserted zeros.
+- The stride-2 transposed convolution is four small convolutions, one per output phase,
+  followed by depth-to-space, and its gradient two matmuls: the gradient of
+  `nn.ConvTranspose` is ~30x slower than its forward on CPU, and the phase form does no
+  multiplications by inserted zeros.
 """
 
 from collections.abc import Sequence
@@ -139,11 +140,9 @@ class TransposedConvUp(nn.Module):
   """PyTorch ``ConvTranspose2d(C, C, 3, stride=2, padding=1, output_padding=1, bias=False)``.
 
   The kernel is stored as [3, 3, in, out] (the PyTorch weight [in, out, kh, kw] permuted).
-  Output row 2m gets tap ky=1 from input row m; row 2m+1 gets ky=2 from row m and ky=0 from
-  row m+1 (zero beyond the border); likewise for columns. Each of the four output phases is
-  thus one matmul over the input and its shifted copies (9 taps in all, no multiplications
-  by inserted zeros), interleaved by depth-to-space; see ``__call__`` for how the taps are
-  computed as a single matmul.
+  ``ops.conv_transpose_up2``: the four output phases (1, 2, 2 and 4 taps, no multiplications
+  by inserted zeros) computed as small convolutions and interleaved by depth-to-space, with
+  the gradients of the same sums written as two matmuls.
   """
 
   features: int
@@ -155,23 +154,9 @@ class TransposedConvUp(nn.Module):
     k = self.param('kernel', torch_conv_init, (3, 3, x.shape[-1], self.features))
     k = k.astype(self.dtype)
     x = x.astype(self.dtype)
-    b, h, w, _ = x.shape
-    d = self.features
-    # Every tap's product with the input, in one matmul: taps[..., t, :] = x @ k[ky, kx] for
-    # t = 3 * ky + kx. The shifted inputs of the phase form (x[m + 1, n], ...) become shifted
-    # products (a shift commutes with a per-pixel matmul), so the backward pass keeps x only.
-    k9 = k.reshape(9, -1, d).transpose(1, 0, 2).reshape(-1, 9 * d)
-    taps = matmul_channels(x, k9) if slope is None else ops.matmul_prelu(x, slope, k9)
-    taps = taps.reshape(b, h, w, 9, d)
-    t = lambda ky, kx: taps[..., 3 * ky + kx, :]
-    down = lambda v: jnp.pad(v[:, 1:], ((0, 0), (0, 1), (0, 0), (0, 0)))  # v[m + 1, n]
-    right = lambda v: jnp.pad(v[:, :, 1:], ((0, 0), (0, 0), (0, 1), (0, 0)))  # v[m, n + 1]
-    p00 = t(1, 1)
-    p01 = t(1, 2) + right(t(1, 0))
-    p10 = t(2, 1) + down(t(0, 1))
-    p11 = t(2, 2) + right(t(2, 0)) + down(t(0, 2) + right(t(0, 0)))
-    rows = jnp.stack([jnp.stack([p00, p01], 3), jnp.stack([p10, p11], 3)], 2)  # b h 2 w 2 d
-    return rows.reshape(b, 2 * h, 2 * w, d)
+    if slope is None:
+      return ops.conv_transpose_up2(x, k)
+    return ops.conv_transpose_up2_prelu(x, slope, k)
 
 
 class SpatialAttention(nn.Module):

@@ -186,6 +186,76 @@ conv2d_prelu_literal = _with_prelu_input(conv2d_literal)
 matmul_prelu = _with_prelu_input(matmul_channels)
 
 
+# The stride-2 3x3 transposed convolution (PyTorch ConvTranspose2d(k=3, s=2, p=1,
+# output_padding=1)), kernel [3, 3, C, D]. Output row 2m gets tap ky=1 from input row m, row
+# 2m+1 gets ky=2 from row m and ky=0 from row m+1 (zero beyond the border), likewise for the
+# columns: four output phases with 1, 2, 2 and 4 taps, 9 in all, interleaved by depth-to-space.
+
+
+def _interleave(p00, p01, p10, p11):
+  b, h, w, d = p00.shape
+  rows = jnp.stack([jnp.stack([p00, p01], 3), jnp.stack([p10, p11], 3)], 2)  # b h 2 w 2 d
+  return rows.reshape(b, 2 * h, 2 * w, d)
+
+
+def _up2_phases(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The forward: each phase is one small stride-1 convolution of ``x`` (1x1, 1x2, 2x1, 2x2,
+  padded after), which XLA:CPU runs 1.1-1.5x faster than ``_up2_taps`` (600x400, README)."""
+  k = kernel
+  conv = lambda w, pad: jax.lax.conv_general_dilated(
+    x, w, (1, 1), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+  # A phase's window [dy, dx] holds the tap that reads input [m + dy, n + dx] (dy, dx: 0 or 1),
+  # zero-padded after the last row or column.
+  k_p11 = jnp.stack([jnp.stack([k[2, 2], k[2, 0]]), jnp.stack([k[0, 2], k[0, 0]])])
+  return _interleave(
+    matmul_channels(x, k[1, 1]),
+    conv(jnp.stack([k[1, 2], k[1, 0]])[None], ((0, 0), (0, 1))),
+    conv(jnp.stack([k[2, 1], k[0, 1]])[:, None], ((0, 1), (0, 0))),
+    conv(k_p11, ((0, 1), (0, 1))),
+  )
+
+
+def _up2_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The backward's form: every tap's product with ``x`` in one matmul, taps[..., 3 ky + kx, :]
+  = x @ k[ky, kx]; the phases' shifted inputs become shifted products (a shift commutes with a
+  per-pixel matmul). Its gradients are two plain GEMMs over ``x`` and the shifted-back
+  output gradient, where those of the phase convolutions are small-window convolutions."""
+  b, h, w, _ = x.shape
+  d = kernel.shape[-1]
+  taps = matmul_channels(x, kernel.reshape(9, -1, d).transpose(1, 0, 2).reshape(-1, 9 * d))
+  taps = taps.reshape(b, h, w, 9, d)
+  t = lambda ky, kx: taps[..., 3 * ky + kx, :]
+  down = lambda v: jnp.pad(v[:, 1:], ((0, 0), (0, 1), (0, 0), (0, 0)))  # v[m + 1, n]
+  right = lambda v: jnp.pad(v[:, :, 1:], ((0, 0), (0, 0), (0, 1), (0, 0)))  # v[m, n + 1]
+  return _interleave(
+    t(1, 1),
+    t(1, 2) + right(t(1, 0)),
+    t(2, 1) + down(t(0, 1)),
+    t(2, 2) + right(t(2, 0)) + down(t(0, 2) + right(t(0, 0))),
+  )
+
+
+@jax.custom_vjp
+def conv_transpose_up2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """[B, H, W, C] x [3, 3, C, D] -> [B, 2H, 2W, D]: computed as ``_up2_phases``,
+  differentiated as ``_up2_taps`` (the same function: only the float rounding differs)."""
+  return _up2_phases(x, kernel)
+
+
+def _up2_fwd(x, kernel):
+  return _up2_phases(x, kernel), (x, kernel)
+
+
+def _up2_bwd(residuals, g):
+  # The primal matmul jax.vjp traces here has no use; jit removes it.
+  return jax.vjp(_up2_taps, *residuals)[1](g)
+
+
+conv_transpose_up2.defvjp(_up2_fwd, _up2_bwd)
+conv_transpose_up2_prelu = _with_prelu_input(conv_transpose_up2)
+
+
 def resolve_kernel_grad(
   form: str, backend: str | None = None, times_ms: dict[str, float] | None = None
 ) -> str:
